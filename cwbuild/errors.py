@@ -114,3 +114,13 @@ class AttestError(CwbuildError):
 
 class BuildError(CwbuildError):
     """A build step failed."""
+
+
+class AttestRefused(AttestError):
+    """The endpoint refused a request: `reason` is its stable id (DESIGN.md), `status` the HTTP status."""
+
+    def __init__(self, reason: str, message: str, *, status: int = 403, hint: str | None = None) -> None:
+        super().__init__(f"{reason}: {message}", hint=hint)
+        self.reason = reason
+        self.status = status
+        self.detail = message
