@@ -1,0 +1,206 @@
+"""Trust material (the pinned AMD and Intel roots) and certificate signature checks, cached per certificate.
+
+The roots ship as package data (cwbuild/data/trust/, copied from the KDS/PCS chains listed in
+spec/attestation.md §5; their fingerprints are asserted by tests/unit/test_attest_trust.py). A `TrustStore`
+is built once and passed into the verifiers; it also remembers which (certificate, issuer) signatures have
+verified, so checking the same VCEK or PCK twice does not redo RSA-PSS or ECDSA.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
+
+from cwbuild.attest.tcb import Product
+from cwbuild.errors import FormatError
+from cwbuild.resources import data_root
+
+_MAX_CERT_BYTES = 64 * 1024  # one certificate; AMD's are ~1.4 KiB, bundles ~5 KiB
+_MAX_CERTS = 16
+_CACHE_SIZE = 4096
+
+#: spec §1.7/§1.8: every AMD certificate is RSASSA-PSS, SHA-384, MGF1-SHA-384, salt 48.
+AMD_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+OID_RSASSA_PSS = "1.2.840.113549.1.1.10"  # §1.7
+OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"  # §3.5 ecdsa-with-SHA256
+
+
+def load_cert(der: bytes) -> x509.Certificate:
+    """One DER certificate. AMD VCEKs have serial 0, which `cryptography` only warns about (spec §6.4)."""
+    if len(der) > _MAX_CERT_BYTES:
+        raise FormatError("certificate larger than 64 KiB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise FormatError(f"not a DER X.509 certificate: {exc}") from None
+
+
+def load_certs(blob: bytes) -> list[x509.Certificate]:
+    """Every certificate in `blob`: one DER certificate or a PEM bundle."""
+    if len(blob) > _MAX_CERT_BYTES * _MAX_CERTS:
+        raise FormatError("certificate input too large")
+    if b"-----BEGIN" not in blob:
+        return [load_cert(blob)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            certs = x509.load_pem_x509_certificates(blob)
+    except ValueError as exc:
+        raise FormatError(f"not a PEM certificate bundle: {exc}") from None
+    if len(certs) > _MAX_CERTS:
+        raise FormatError(f"more than {_MAX_CERTS} certificates")
+    return certs
+
+
+def fingerprint(cert: x509.Certificate) -> bytes:
+    return cert.fingerprint(hashes.SHA256())
+
+
+def cn(name: x509.Name) -> str:
+    """The single commonName of `name`, or "" when there is none or several."""
+    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if len(attrs) != 1:
+        return ""
+    value = attrs[0].value
+    return value if isinstance(value, str) else ""
+
+
+def valid_at(cert: x509.Certificate, now: datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def _verify_amd(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    key = issuer.public_key()
+    if cert.signature_algorithm_oid.dotted_string != OID_RSASSA_PSS or not isinstance(key, rsa.RSAPublicKey):
+        return False
+    try:
+        key.verify(cert.signature, cert.tbs_certificate_bytes, AMD_PSS, hashes.SHA384())
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _verify_intel(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    key = issuer.public_key()
+    if cert.signature_algorithm_oid.dotted_string != OID_ECDSA_SHA256:
+        return False
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        return False
+    try:
+        key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+class SignatureCache:
+    """A bounded, thread-safe memo of `signed_by` results keyed by (cert DER hash, issuer DER hash)."""
+
+    def __init__(self, size: int = _CACHE_SIZE) -> None:
+        self._size = size
+        self._memo: OrderedDict[tuple[bytes, bytes, str], bool] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def check(
+        self,
+        key: tuple[bytes, bytes, str],
+        compute: Callable[[], bool],
+    ) -> bool:
+        with self._lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                self.hits += 1
+                return self._memo[key]
+        result = compute()
+        with self._lock:
+            self.misses += 1
+            self._memo[key] = result
+            if len(self._memo) > self._size:
+                self._memo.popitem(last=False)
+        return result
+
+
+@dataclass(frozen=True)
+class AmdRoots:
+    """The pinned chain heads of one product: ARK, ASK (signs VCEKs), ASVK (signs VLEKs) (spec §1.8)."""
+
+    product: Product
+    ark: x509.Certificate
+    ask: x509.Certificate
+    asvk: x509.Certificate
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    """Pinned roots plus the signature cache. Build with `TrustStore.default()` or `from_certs(...)`."""
+
+    amd: dict[Product, AmdRoots]
+    intel_root: x509.Certificate | None
+    cache: SignatureCache = field(default_factory=SignatureCache, compare=False)
+
+    @classmethod
+    def default(cls) -> TrustStore:
+        """The roots shipped in the package (one shared instance, so its cache is shared too)."""
+        return _default_store()
+
+    @classmethod
+    def from_pem(cls, amd: dict[Product, tuple[bytes, bytes]], intel_root: bytes | None) -> TrustStore:
+        """Build from PEM files: per product (ASK+ARK bundle, ASVK+ARK bundle), and the Intel root."""
+        roots = {}
+        for product, (vcek_chain, vlek_chain) in amd.items():
+            ask, ark = load_certs(vcek_chain)
+            asvk, ark2 = load_certs(vlek_chain)
+            if ark.public_bytes(_DER) != ark2.public_bytes(_DER):
+                raise FormatError(f"{product}: the VCEK and VLEK chains name different ARKs")
+            roots[product] = AmdRoots(product, ark=ark, ask=ask, asvk=asvk)
+        intel = load_certs(intel_root)[0] if intel_root is not None else None
+        return cls(amd=roots, intel_root=intel)
+
+    def amd_signed_by(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        """RSA-PSS SHA-384 salt 48 signature of `cert` by `issuer`'s key (spec §1.8), cached."""
+        key = (fingerprint(cert), fingerprint(issuer), "amd")
+        return self.cache.check(key, lambda: _verify_amd(cert, issuer))
+
+    def intel_signed_by(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        """ECDSA P-256 SHA-256 signature of `cert` by `issuer`'s key (spec §3.6 step 3), cached."""
+        key = (fingerprint(cert), fingerprint(issuer), "intel")
+        return self.cache.check(key, lambda: _verify_intel(cert, issuer))
+
+    def products(self) -> Iterable[Product]:
+        return self.amd.keys()
+
+
+_DER = serialization.Encoding.DER
+
+
+@functools.cache
+def _default_store() -> TrustStore:
+    base = data_root() / "trust"
+    amd = {
+        p: (
+            (base / f"amd_{p.value.lower()}_vcek_ask_ark.pem").read_bytes(),
+            (base / f"amd_{p.value.lower()}_vlek_asvk_ark.pem").read_bytes(),
+        )
+        for p in Product
+    }
+    return TrustStore.from_pem(amd, (base / "intel_sgx_root_ca.pem").read_bytes())
+
+
+def utc(moment: datetime) -> datetime:
+    """`moment` as an aware UTC datetime (naive values are taken as UTC)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
