@@ -1,0 +1,77 @@
+"""Image input: resolve a reference to a verified image (`open_image`) and flatten it (`rootfs.flatten`).
+
+with open_image("localhost/app:latest") as image:
+    image.id, image.manifest_digest, image.platform, image.config, image.created, image.layers
+    with image.layer_stream(0) as tar_stream: ...          # uncompressed tar, digest + diff_id checked
+    result = flatten(image, dest_dir)                       # cwbuild.image.rootfs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+from cwbuild.errors import ImageError
+from cwbuild.image.docker import open_docker_archive
+from cwbuild.image.model import Image, Layer, Platform
+from cwbuild.image.oci import TarBlobs, open_layout_archive, open_layout_dir
+from cwbuild.image.podman import open_podman_image
+from cwbuild.image.reference import ImageRef, Transport, parse_reference
+
+__all__ = [
+    "DEFAULT_PLATFORM",
+    "Image",
+    "ImageRef",
+    "Layer",
+    "Platform",
+    "Transport",
+    "open_image",
+    "parse_reference",
+]
+
+DEFAULT_PLATFORM = "linux/amd64"
+
+
+def _podman(ref: ImageRef, _platform: Platform, stack: ExitStack) -> Image:
+    return open_podman_image(ref.name, str(ref), stack)
+
+
+def _oci(ref: ImageRef, platform: Platform, _stack: ExitStack) -> Image:
+    if not ref.path.is_dir():
+        raise ImageError(f"{ref.path} is not a directory")
+    return open_layout_dir(ref.path, ref.tag, platform, str(ref))
+
+
+def _oci_archive(ref: ImageRef, platform: Platform, stack: ExitStack) -> Image:
+    blobs = _archive(ref, stack)
+    return open_layout_archive(blobs, ref.tag, platform, str(ref))
+
+
+def _docker_archive(ref: ImageRef, _platform: Platform, stack: ExitStack) -> Image:
+    return open_docker_archive(_archive(ref, stack), str(ref))
+
+
+def _archive(ref: ImageRef, stack: ExitStack) -> TarBlobs:
+    if not ref.path.is_file():
+        raise ImageError(f"{ref.path} is not a file")
+    blobs = TarBlobs(ref.path)
+    stack.callback(blobs.close)
+    return blobs
+
+
+_OPENERS: dict[Transport, Callable[[ImageRef, Platform, ExitStack], Image]] = {
+    Transport.PODMAN: _podman,
+    Transport.OCI: _oci,
+    Transport.OCI_ARCHIVE: _oci_archive,
+    Transport.DOCKER_ARCHIVE: _docker_archive,
+}
+
+
+@contextmanager
+def open_image(ref: str | ImageRef, *, platform: str = DEFAULT_PLATFORM) -> Iterator[Image]:
+    """Resolve `ref`; manifests and config are checked here, layers while `Image.layer_stream` reads them.
+    Resources (a spool file, a private Podman service) live until the block exits."""
+    parsed = parse_reference(ref) if isinstance(ref, str) else ref
+    want = Platform.parse(platform)
+    with ExitStack() as stack:
+        yield _OPENERS[parsed.transport](parsed, want, stack)

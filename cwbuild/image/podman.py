@@ -1,0 +1,156 @@
+"""Images in the local Podman store, read through the Podman REST API (podman-py), never by scraping the CLI.
+
+The socket is `$CONTAINER_HOST` if set (Podman's own variable, unix:// only), else root's
+/run/podman/podman.sock or a rootless user's $XDG_RUNTIME_DIR/podman/podman.sock (podman-system-service(1)).
+If nothing answers there, cwbuild starts `podman system service --time=0` on a socket in a private directory
+for the duration of the command and stops it after.
+
+The image is exported once (`GET /images/{id}/get?format=docker-archive`, uncompressed layers, no
+recompression) into a private spool file — disk, not memory, since the archive lists its manifest after the
+layers — and then read like any docker-archive: the config's sha256 must equal the store's image id and every
+layer's content must hash to the diff_id that `podman image inspect` reports (RootFS.Layers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from podman import PodmanClient
+from podman.errors import APIError, ImageNotFound, PodmanError
+
+from cwbuild import run
+from cwbuild.errors import ImageError, ToolError
+from cwbuild.image.blobs import CHUNK
+from cwbuild.image.docker import open_docker_archive
+from cwbuild.image.model import Image
+from cwbuild.image.oci import TarBlobs
+
+ROOT_SOCKET = "/run/podman/podman.sock"
+_START_TIMEOUT = 30.0
+_STOP_TIMEOUT = 10.0
+
+
+def socket_url() -> str:
+    """Where the user's Podman service listens (or would)."""
+    host = os.environ.get("CONTAINER_HOST")
+    if host:
+        if not host.startswith("unix://"):
+            raise ImageError(
+                f"CONTAINER_HOST={host} is not a unix:// socket", hint="only local stores are read"
+            )
+        return host
+    if os.geteuid() == 0:
+        return f"unix://{ROOT_SOCKET}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+    return f"unix://{runtime}/podman/podman.sock"
+
+
+def _answers(url: str) -> bool:
+    path = url.removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+@contextmanager
+def podman_client() -> Iterator[PodmanClient]:
+    """A client for the user's Podman service, or for a private one started (and stopped) for us."""
+    url = socket_url()
+    if _answers(url):
+        with PodmanClient(base_url=url) as client:
+            yield client
+        return
+    with _private_service() as private_url, PodmanClient(base_url=private_url) as client:
+        yield client
+
+
+@contextmanager
+def _private_service() -> Iterator[str]:
+    workdir = Path(tempfile.mkdtemp(prefix="cwbuild-podman-"))  # mode 0700
+    sock = workdir / "podman.sock"
+    url = f"unix://{sock}"
+    log = (workdir / "service.log").open("wb")
+    proc = run.spawn(
+        ["podman", "system", "service", "--time=0", url], stdout=log.fileno(), stderr=log.fileno()
+    )
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not _answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (workdir / "service.log").read_text("utf-8", "replace")[-2000:]
+                raise ToolError("podman system service did not start", stderr_tail=tail)
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def open_podman_image(name: str, ref: str, stack: ExitStack) -> Image:
+    """Export `name` from the store into a private spool and open it; `stack` owns every resource."""
+    client = stack.enter_context(podman_client())
+    attrs = _inspect(client, name)
+    image_id = str(attrs.get("Id", ""))
+    spool_dir = Path(tempfile.mkdtemp(prefix="cwbuild-image-"))  # mode 0700
+    stack.callback(shutil.rmtree, spool_dir, ignore_errors=True)
+    spool = spool_dir / "image.tar"
+    _export(client, image_id, spool)
+    blobs = TarBlobs(spool)
+    stack.callback(blobs.close)
+    digest = attrs.get("Digest")
+    image = open_docker_archive(blobs, ref, manifest_digest=digest if isinstance(digest, str) else None)
+    if image.id.removeprefix("sha256:") != image_id.removeprefix("sha256:"):
+        raise ImageError(f"{ref}: exported config {image.id} is not the store's image {image_id}")
+    rootfs = attrs.get("RootFS")
+    want = rootfs.get("Layers") if isinstance(rootfs, dict) else None
+    if want != [layer.diff_id for layer in image.layers]:
+        raise ImageError(f"{ref}: exported layers do not match the store's RootFS.Layers")
+    return image
+
+
+def _inspect(client: PodmanClient, name: str) -> dict[str, Any]:
+    try:
+        attrs = client.images.get(name).attrs
+    except ImageNotFound as exc:
+        raise ImageError(
+            f"image {name} not found in the Podman store", hint="podman images lists them"
+        ) from exc
+    except (APIError, PodmanError, OSError) as exc:
+        raise ImageError(f"cannot inspect {name} through the Podman API: {exc}") from exc
+    if not isinstance(attrs, dict):
+        raise ImageError(f"Podman returned no inspect data for {name}")
+    return attrs
+
+
+def _export(client: PodmanClient, image_id: str, dest: Path) -> None:
+    try:
+        response = client.api.get(
+            f"/images/{quote(image_id, safe='')}/get", params={"format": "docker-archive"}, stream=True
+        )
+        response.raise_for_status()
+        with dest.open("xb") as out:
+            for chunk in response.iter_content(CHUNK):
+                out.write(chunk)
+    except (APIError, PodmanError, OSError, requests.RequestException) as exc:
+        raise ImageError(f"exporting {image_id[:12]} through the Podman API failed: {exc}") from exc
