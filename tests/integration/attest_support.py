@@ -105,7 +105,9 @@ class Server:
         return httpx.post(self.url + path, json=body, headers=self.admin() if admin else {}, timeout=20)
 
     def logs(self) -> bytes:
-        return self.stderr_path.read_bytes() + (self.audit_path.read_bytes() if self.audit_path.exists() else b"")
+        return self.stderr_path.read_bytes() + (
+            self.audit_path.read_bytes() if self.audit_path.exists() else b""
+        )
 
     def audit(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
@@ -150,7 +152,9 @@ class Guest:
 
     def evidence(self, nonce: bytes, **fields: Any) -> bytes:
         report_data = hashlib.sha512(nonce + hashlib.sha256(self.pubkey_der).digest()).digest()
-        return sim_report(measurement=self.measurement, report_data=report_data, key=self.server.sim_key, **fields)
+        return sim_report(
+            measurement=self.measurement, report_data=report_data, key=self.server.sim_key, **fields
+        )
 
     def attest(self, workload_id: str, nonce: bytes, evidence: bytes) -> httpx.Response:
         body = {
@@ -163,11 +167,15 @@ class Guest:
 
     def unwrap(self, resp: httpx.Response) -> bytes:
         wrapped = base64.b64decode(resp.json()["wrapped_key"])
-        oaep = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        oaep = padding.OAEP(
+            mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+        )
         return self.key.decrypt(wrapped, oaep)
 
 
-def registration(workload_id: str, measurement: bytes, secret: bytes, tee: str = "sim", **extra: Any) -> dict[str, Any]:
+def registration(
+    workload_id: str, measurement: bytes, secret: bytes, tee: str = "sim", **extra: Any
+) -> dict[str, Any]:
     return {
         "workload_id": workload_id,
         "tee": tee,

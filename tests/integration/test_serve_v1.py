@@ -64,7 +64,8 @@ def test_get_shows_reference_values_never_the_secret(server: Server, workload: s
     assert body["reference_values"] == [MEASUREMENT.hex()]
     assert body["has_secret"] is True
     assert body["policy"] == {}
-    assert base64.b64encode(SECRET).decode() not in resp.text and SECRET.decode() not in resp.text
+    assert base64.b64encode(SECRET).decode() not in resp.text
+    assert SECRET.decode() not in resp.text
 
 
 def test_register_conflict_and_replace(server: Server) -> None:
@@ -78,13 +79,20 @@ def test_register_conflict_and_replace(server: Server) -> None:
 
 
 def test_delete(server: Server) -> None:
-    assert server.post("/v1/workloads", registration("wl-gone", MEASUREMENT, b"x"), admin=True).status_code == 201
+    assert (
+        server.post("/v1/workloads", registration("wl-gone", MEASUREMENT, b"x"), admin=True).status_code
+        == 201
+    )
     assert httpx.delete(f"{server.url}/v1/workloads/wl-gone", headers=server.admin()).status_code == 204
-    refused(httpx.get(f"{server.url}/v1/workloads/wl-gone", headers=server.admin()), 404, "workload.not_found")
+    refused(
+        httpx.get(f"{server.url}/v1/workloads/wl-gone", headers=server.admin()), 404, "workload.not_found"
+    )
     refused(Guest(server, MEASUREMENT).challenge("wl-gone"), 404, "workload.not_found")
 
 
-def _attest_refused(server: Server, workload: str, reason: str, *, guest: Guest | None = None, **fields: object) -> None:
+def _attest_refused(
+    server: Server, workload: str, reason: str, *, guest: Guest | None = None, **fields: object
+) -> None:
     guest = guest or Guest(server, MEASUREMENT)
     nonce = guest.nonce(workload)
     refused(guest.attest(workload, nonce, guest.evidence(nonce, **fields)), 403, reason)
@@ -174,7 +182,9 @@ def test_oversized_body(server: Server, workload: str) -> None:
         for _ in range(40):
             yield b" " * 8192
 
-    resp = httpx.post(f"{server.url}/v1/challenge", content=chunks(), headers={"Content-Type": "application/json"})
+    resp = httpx.post(
+        f"{server.url}/v1/challenge", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     refused(resp, 413, "request.too_large")
 
 
@@ -183,7 +193,9 @@ def test_oversized_body(server: Server, workload: str) -> None:
     [b"{", b"[]", b'{"workload_id": 5, "tee": "sim"}', b'{"workload_id": "a", "tee": "sev"}', b"\xff\xfe"],
 )
 def test_malformed_json(server: Server, body: bytes) -> None:
-    resp = httpx.post(f"{server.url}/v1/challenge", content=body, headers={"Content-Type": "application/json"})
+    resp = httpx.post(
+        f"{server.url}/v1/challenge", content=body, headers={"Content-Type": "application/json"}
+    )
     refused(resp, 400, "request.malformed")
 
 
@@ -210,7 +222,8 @@ def test_zz_audit_and_logs(server: Server) -> None:
     expected = {
         "snp.measurement_mismatch", "snp.policy_debug", "snp.tcb_below_minimum", "snp.vmpl_mismatch",
         "nonce.replayed", "nonce.expired", "nonce.unknown", "snp.cert_missing", "nonce.workload_mismatch",
-        "auth.bad_token", "request.too_large", "request.malformed", "workload.exists", "snp.report_data_mismatch",
+        "auth.bad_token", "request.too_large", "request.malformed", "workload.exists",
+        "snp.report_data_mismatch", "pubkey.invalid", "workload.tee_mismatch", "workload.not_found",
     }  # fmt: skip
     assert expected <= reasons, expected - reasons
     logs = server.logs()
@@ -224,7 +237,9 @@ def test_zz_audit_and_logs(server: Server) -> None:
 def test_sim_refused_without_insecure_flag(tmp_path: Path) -> None:
     srv = new_server(tmp_path, sim_trust=False).start()
     try:
-        assert srv.post("/v1/workloads", registration("wl", MEASUREMENT, SECRET), admin=True).status_code == 201
+        assert (
+            srv.post("/v1/workloads", registration("wl", MEASUREMENT, SECRET), admin=True).status_code == 201
+        )
         guest = Guest(srv, MEASUREMENT)
         nonce = guest.nonce("wl")
         refused(guest.attest("wl", nonce, guest.evidence(nonce)), 403, "sim.not_trusted")
@@ -237,10 +252,13 @@ def test_refuses_to_start_unsafely(tmp_path: Path) -> None:
     argv = srv.argv()[3:]
     no_key = [a for a in argv if a not in ("--master-key-file", str(tmp_path / "master.key"))]
     result = cwbuild(no_key, timeout=60)
-    assert result.returncode == 2 and b"master key" in result.stderr
+    assert result.returncode == 2
+    assert b"master key" in result.stderr
     public = [*argv, "--listen", "0.0.0.0:0"]
     result = cwbuild(public, timeout=60)
-    assert result.returncode == 2 and b"plain HTTP" in result.stderr
+    assert result.returncode == 2
+    assert b"plain HTTP" in result.stderr
     (tmp_path / "master.key").chmod(0o644)
     result = cwbuild(argv, timeout=60)
-    assert result.returncode == 1 and b"group or others" in result.stderr
+    assert result.returncode == 1
+    assert b"group or others" in result.stderr
