@@ -1,0 +1,59 @@
+"""The krun workload-config footer appended to disk.img (cw-format.md §1.5, buildah internal/mkcw).
+
+Layout at the end of the file: P zero bytes, the JSON, `KRUN`, uint64_le(len(JSON)), with P chosen so that
+the file size is a multiple of 4096. Readers (libkrun, buildah) seek to -12, check `KRUN`, read the length
+(at most 1 MiB, buildah's maxWorkloadConfigSize) and take the JSON before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from cwbuild.errors import FormatError
+
+MAGIC = b"KRUN"
+TRAILER = struct.Struct("<4sQ")  # magic + LE64 length (§1.5)
+MAX_CONFIG = 1024 * 1024  # buildah maxWorkloadConfigSize
+ALIGN = 4096
+
+
+def encode(config_json: bytes, start: int) -> bytes:
+    """The bytes to write at `start` (the end of the payload): zero pad, JSON, trailer."""
+    if len(config_json) > MAX_CONFIG:
+        raise FormatError(f"workload config is larger than {MAX_CONFIG} bytes")
+    body = config_json + TRAILER.pack(MAGIC, len(config_json))
+    pad = -(start + len(body)) % ALIGN
+    return bytes(pad) + body
+
+
+def read(path: Path) -> bytes | None:
+    """The footer JSON of `path`, or None when there is no footer. A malformed footer is a FormatError."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < TRAILER.size:
+            return None
+        f.seek(size - TRAILER.size)
+        magic, length = TRAILER.unpack(f.read(TRAILER.size))
+        if magic != MAGIC:
+            return None
+        if length > MAX_CONFIG or length > size - TRAILER.size:
+            raise FormatError(f"krun footer claims {length} bytes of config")
+        f.seek(size - TRAILER.size - length)
+        data = f.read(length)
+    try:
+        json.loads(data)
+    except ValueError:
+        raise FormatError("krun footer config is not JSON") from None
+    return data
+
+
+def locate(path: Path) -> int | None:
+    """Where the payload ends when `path` carries a footer (the 4096-aligned start of its padding)."""
+    data = read(path)
+    if data is None:
+        return None
+    end = path.stat().st_size - TRAILER.size - len(data)
+    return end - end % ALIGN
