@@ -9,18 +9,18 @@ policy path; only the signer differs. Each use of sim trust is logged loudly.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cwbuild.attest.certsource import CertSource
+from cwbuild.attest.collateral import Collateral
 from cwbuild.attest.policy import Policy
 from cwbuild.attest.snp import verify_snp
 from cwbuild.attest.snp_report import SnpReport
+from cwbuild.attest.tdx import verify_tdx
 from cwbuild.attest.trust import TrustStore
 from cwbuild.attest.verdict import Failure, Verdict, malformed
 from cwbuild.errors import FormatError
@@ -42,7 +42,7 @@ class EvidenceGate:
     certs: CertSource
     trust: TrustStore | None = None
     sim_key: ec.EllipticCurvePublicKey | None = None
-    tdx_collateral: Any = None
+    tdx_collateral: Collateral | None = None
 
     def verify(
         self, tee: str, evidence: bytes, table: bytes | None, *, policy: Policy, now: datetime
@@ -76,11 +76,4 @@ class EvidenceGate:
         return verify_snp(evidence, certs=certs, trust=self.trust, policy=policy, now=now)
 
     def _tdx(self, evidence: bytes, *, policy: Policy, now: datetime) -> Verdict:
-        try:
-            tdx = importlib.import_module("cwbuild.attest.tdx")  # optional until the TDX verifier lands
-        except ImportError:
-            return refused("tdx.unsupported", "this endpoint has no TDX verifier")
-        verdict: Verdict = tdx.verify_tdx(
-            evidence, trust=self.trust, collateral=self.tdx_collateral, policy=policy, now=now
-        )
-        return verdict
+        return verify_tdx(evidence, trust=self.trust, collateral=self.tdx_collateral, policy=policy, now=now)

@@ -21,6 +21,7 @@ import yaml
 from cwbuild.attest.api import Limits, Service
 from cwbuild.attest.audit import Audit
 from cwbuild.attest.certsource import CertOptions, CertSource
+from cwbuild.attest.collateral import Collateral
 from cwbuild.attest.evidence_gate import INSECURE_SIM_WARNING, EvidenceGate
 from cwbuild.attest.kbs_compat import DEFAULT_ALLOW, KbsCompat, parse_networks
 from cwbuild.attest.metrics import Metrics
@@ -59,6 +60,7 @@ class ServeConfig:
     max_body: int = DEFAULT_MAX_BODY
     default_policy: Mapping[str, Any] = field(default_factory=dict)
     access_log: bool = False
+    tdx_collateral: str | None = None
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServeConfig:
@@ -123,6 +125,18 @@ def _check(config: ServeConfig, host: str) -> None:
         )
 
 
+def _collateral(path: str | None) -> Collateral | None:
+    """TDX collateral (TCB info, QE identity, CRLs) from a file: the offline bundle of spec §3.7."""
+    if path is None:
+        return None
+    try:
+        return Collateral.from_json(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"tdx_collateral {path}: {exc.strerror}") from None
+    except FormatError as exc:
+        raise ConfigError(f"tdx_collateral {path}: {exc.message}") from None
+
+
 def build(config: ServeConfig) -> tuple[Any, Service]:
     """The ASGI app and its service, from a checked configuration."""
     master_key_path, token_path = _secret_paths(config)
@@ -145,7 +159,7 @@ def build(config: ServeConfig) -> tuple[Any, Service]:
         master_key=master_key,
         audit=Audit(Path(config.audit_log) if config.audit_log else None),
         metrics=Metrics(),
-        gate=EvidenceGate(certs=certs, sim_key=sim_key),
+        gate=EvidenceGate(certs=certs, sim_key=sim_key, tdx_collateral=_collateral(config.tdx_collateral)),
         limits=Limits(config.nonce_ttl, config.max_pending, config.max_pending_per_client),
         default_policy=config.default_policy,
     )
