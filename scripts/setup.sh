@@ -13,7 +13,7 @@ APT_PACKAGES=(
   podman uidmap fuse-overlayfs skopeo umoci
   e2fsprogs cryptsetup-bin
   qemu-system-x86 qemu-utils ovmf
-  busybox-static cpio zstd xz-utils debootstrap
+  busybox-static cpio zstd xz-utils debootstrap kmod binutils
   openssl curl gnupg gpgv debian-archive-keyring
   sbsigntool libxml2-utils gcc libc6-dev
   python3-venv
