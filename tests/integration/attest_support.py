@@ -73,12 +73,13 @@ class Server:
         ]  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> Server:
+        offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
         err = self.stderr_path.open("ab")
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         err.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = _LISTEN.search(self.stderr_path.read_bytes())
+            match = _LISTEN.search(self.stderr_path.read_bytes()[offset:])
             if match and self._healthy(match.group(1).decode()):
                 self.url = match.group(1).decode()
                 return self
