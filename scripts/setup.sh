@@ -49,6 +49,25 @@ fi
 for deb in "$ASSETS"/luksy_*.deb "$ASSETS"/ovmf-*.deb; do
   [ -f "$deb.unpacked" ] || { dpkg -x "$deb" "$ASSETS/x"; touch "$deb.unpacked"; }
 done
+# sid's libvirt schemas and QEMU for the launch-config tests (bookworm's libvirt 9.0 and QEMU 7.2 know neither
+# SEV-SNP nor TDX): libvirt-common's domain.rng, and qemu-system-x86 plus its library closure, run through the
+# unpacked dynamic loader (no chroot needed).
+sid_opts=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$T/etc/apt/sources.list.d"
+  -o Dir::State::Lists="$T/lists" -o Dir::Cache::Archives="$T/archives" -o Dir::State::status=/dev/null)
+if [ ! -f "$ASSETS/sid-libvirt/usr/share/libvirt/schemas/domain.rng" ]; then
+  (cd "$ASSETS" && { ls libvirt-common_*.deb >/dev/null 2>&1 || apt-get "${sid_opts[@]}" download libvirt-common; })
+  dpkg -x "$(ls "$ASSETS"/libvirt-common_*.deb | tail -1)" "$ASSETS/sid-libvirt"
+fi
+Q=$ASSETS/sid-qemu
+if [ ! -x "$Q/usr/bin/qemu-system-x86_64" ]; then
+  rm -rf "$Q.debs" "$Q.tmp"; mkdir -p "$Q.debs"
+  libs=$(apt-cache "${sid_opts[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+    --no-replaces --no-enhances qemu-system-x86 | grep -E '^(lib|zlib1g)' | sort -u)
+  # shellcheck disable=SC2086 # one package name per word
+  (cd "$Q.debs" && apt-get "${sid_opts[@]}" download -q qemu-system-x86 $libs)
+  for deb in "$Q.debs"/*.deb; do dpkg -x "$deb" "$Q.tmp"; done
+  rm -rf "$Q.debs"; mv "$Q.tmp" "$Q"
+fi
 if ! ls "$ASSETS"/linux-image-*cloud*.deb >/dev/null 2>&1; then
   [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -q
   kpkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends/{print $2; exit}')
