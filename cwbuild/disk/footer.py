@@ -20,6 +20,19 @@ MAX_CONFIG = 1024 * 1024  # buildah maxWorkloadConfigSize
 ALIGN = 4096
 
 
+def validated(config_json: bytes) -> bytes:
+    """`config_json` if it is a JSON object of at most MAX_CONFIG bytes, else FormatError."""
+    if len(config_json) > MAX_CONFIG:
+        raise FormatError(f"workload config is larger than {MAX_CONFIG} bytes")
+    try:
+        doc = json.loads(config_json)
+    except (ValueError, RecursionError):
+        raise FormatError("workload config is not JSON") from None
+    if not isinstance(doc, dict):
+        raise FormatError("workload config is not a JSON object")
+    return config_json
+
+
 def encode(config_json: bytes, start: int) -> bytes:
     """The bytes to write at `start` (the end of the payload): zero pad, JSON, trailer."""
     if len(config_json) > MAX_CONFIG:
@@ -43,11 +56,7 @@ def read(path: Path) -> bytes | None:
             raise FormatError(f"krun footer claims {length} bytes of config")
         f.seek(size - TRAILER.size - length)
         data = f.read(length)
-    try:
-        json.loads(data)
-    except ValueError:
-        raise FormatError("krun footer config is not JSON") from None
-    return data
+    return validated(data)
 
 
 def locate(path: Path) -> int | None:
