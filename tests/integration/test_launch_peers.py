@@ -242,7 +242,7 @@ def _sim_bundle(tmp: Path, spec: LaunchSpec) -> Path:
     return bundle
 
 
-def _qmp_unix(path: Path, *commands: str) -> list[dict[str, Any]]:
+def _qmp_unix(path: Path, *commands: dict[str, Any]) -> list[dict[str, Any]]:
     with socket.socket(socket.AF_UNIX) as sock:
         for _ in range(200):
             try:
@@ -253,8 +253,8 @@ def _qmp_unix(path: Path, *commands: str) -> list[dict[str, Any]]:
         stream = sock.makefile("rw")
         json.loads(stream.readline())
         replies = []
-        for command in ("qmp_capabilities", *commands):
-            stream.write(json.dumps({"execute": command}) + "\n")
+        for command in ({"execute": "qmp_capabilities"}, *commands):
+            stream.write(json.dumps(command) + "\n")
             stream.flush()
             while "event" in (reply := json.loads(stream.readline())):
                 pass
@@ -279,15 +279,21 @@ def test_sim_script_starts_host_qemu(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        status, chardevs, block, _ = _qmp_unix(
-            qmp_path, "query-status", "query-chardev", "query-block", "quit"
-        )
+        machine = [
+            {"execute": "qom-get", "arguments": {"path": "/machine", "property": p}}
+            for p in ("kernel", "initrd", "append")
+        ]
+        queries = [{"execute": c} for c in ("query-status", "query-chardev", "query-block")]
+        replies = _qmp_unix(qmp_path, *machine, *queries, {"execute": "quit"})
         assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else b""
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         signer.close()
+    kernel, initrd, append, status, chardevs, block, _ = replies
+    # QEMU holds the measured inputs exactly as the spec states them
+    assert (kernel["return"], initrd["return"], append["return"]) == ("vmlinuz", "initrd.img", spec.cmdline)
     assert status["return"]["status"] == "prelaunch"
     labels = {c["label"]: c["filename"] for c in chardevs["return"]}
     assert labels["simtee"].startswith("unix:")
