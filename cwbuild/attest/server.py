@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -253,6 +253,7 @@ def require_guest(request: Request) -> str:
 
 
 Admin = Annotated[str, Depends(require_admin)]
+WorkloadId = Annotated[str, Path(pattern=_ID, max_length=128)]
 Guest = Annotated[str, Depends(require_guest)]
 
 
@@ -275,11 +276,11 @@ def create_app(service: Service, options: ServerOptions) -> FastAPI:
         return describe(service.get(reg.workload_id, client=client))
 
     @app.get("/v1/workloads/{workload_id}", responses=_ERRORS, response_model=WorkloadInfo)
-    def get_workload(workload_id: str, client: Admin) -> dict[str, Any]:
+    def get_workload(workload_id: WorkloadId, client: Admin) -> dict[str, Any]:
         return describe(service.get(check_workload_id(workload_id), client=client))
 
     @app.delete("/v1/workloads/{workload_id}", status_code=204, responses=_ERRORS)
-    def delete_workload(workload_id: str, client: Admin) -> Response:
+    def delete_workload(workload_id: WorkloadId, client: Admin) -> Response:
         service.delete(check_workload_id(workload_id), client=client)
         return Response(status_code=204)
 
