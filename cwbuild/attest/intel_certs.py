@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cwbuild.attest import der
@@ -86,8 +87,10 @@ def split_pem_chain(pem: bytes) -> list[x509.Certificate]:
     if b"\x00" in text:
         raise FormatError("PCK chain contains NUL bytes")
     certs = load_certs(text)
-    if text.rstrip()[-len(b"-----END CERTIFICATE-----") :] != b"-----END CERTIFICATE-----":
-        raise FormatError("PCK chain has data after the last certificate")
+    # Canonical PEM only (64-column base64, LF): then every byte of the chain text is covered by a
+    # certificate signature or the pinned root, and no variant spelling of the same chain is accepted.
+    if text != b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs):
+        raise FormatError("PCK chain is not canonical PEM or has data around the certificates")
     return certs
 
 

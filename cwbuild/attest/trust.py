@@ -43,9 +43,29 @@ def load_cert(der: bytes) -> x509.Certificate:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            return x509.load_der_x509_certificate(der)
+            cert = x509.load_der_x509_certificate(der)
     except ValueError as exc:
         raise FormatError(f"not a DER X.509 certificate: {exc}") from None
+    return _decoded(cert)
+
+
+def _decoded(cert: x509.Certificate) -> x509.Certificate:
+    """Decode every field the verifiers read now: `cryptography` parses lazily and would raise ValueError
+    (or UnsupportedAlgorithm) later, in the middle of a verification."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # malformed names warn before they fail; the error is what counts
+            _ = (cert.issuer, cert.subject, cert.serial_number, cert.signature_algorithm_oid)
+            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.extensions, cert.public_key())
+            _ = (cert.signature, cert.tbs_certificate_bytes)
+    except (
+        ValueError,
+        UnsupportedAlgorithm,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as exc:
+        raise FormatError(f"malformed X.509 certificate: {exc}") from None
+    return cert
 
 
 def load_certs(blob: bytes) -> list[x509.Certificate]:
@@ -62,7 +82,7 @@ def load_certs(blob: bytes) -> list[x509.Certificate]:
         raise FormatError(f"not a PEM certificate bundle: {exc}") from None
     if len(certs) > _MAX_CERTS:
         raise FormatError(f"more than {_MAX_CERTS} certificates")
-    return certs
+    return [_decoded(cert) for cert in certs]
 
 
 def fingerprint(cert: x509.Certificate) -> bytes:
