@@ -3,12 +3,16 @@ module parsing checked against independent tools (readelf, dpkg-deb, dpkg, kmod'
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import io
 import json
 import re
 import subprocess
 import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -240,3 +244,51 @@ def test_import_refuses_tampered_file_and_leaves_nothing(kit: Kit, tmp_path: Pat
     proc = cwbuild(["kit", "import", "--cache", other, forged])
     assert proc.returncode == 1
     assert not [p for p in kits_dir(other).iterdir()]
+
+
+# --- the CLI against a local mirror serving tampered copies (no network) ---------------------------------
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "mirror"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/debian", root / "debian"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _serve(root: Path, sample: Sample, *, inrelease: bytes | None = None, index: bytes | None = None) -> None:
+    dists = root / "dists" / "trixie"
+    (dists / "main" / "binary-amd64").mkdir(parents=True)
+    (dists / "InRelease").write_bytes(inrelease if inrelease is not None else sample.inrelease.read_bytes())
+    (dists / "main" / "binary-amd64" / "Packages.xz").write_bytes(
+        index if index is not None else sample.packages_xz.read_bytes()
+    )
+
+
+@pytest.mark.parametrize("what", ["inrelease", "index"])
+def test_fetch_from_tampered_mirror_fails_and_leaves_nothing(
+    mirror: tuple[str, Path], sample: Sample, tmp_path: Path, what: str
+) -> None:
+    url, root = mirror
+    if what == "inrelease":
+        raw = sample.inrelease.read_bytes()
+        _serve(root, sample, inrelease=raw.replace(b"Debian 13", b"Debian 14", 1))
+        expected = b"signature verification failed"
+    else:
+        blob = bytearray(sample.packages_xz.read_bytes())
+        blob[1000] ^= 0xFF
+        _serve(root, sample, index=bytes(blob))
+        expected = b"sha256 does not match InRelease"
+    cache = tmp_path / "cache"
+    proc = cwbuild(["kit", "fetch", "--cache", cache, "--archive", url, "--allow-expired"])
+    assert proc.returncode == 1
+    assert expected in proc.stderr, proc.stderr.decode()
+    assert not kits_dir(cache).exists() or not list(kits_dir(cache).iterdir())
