@@ -91,12 +91,20 @@ def sim_report(  # noqa: PLR0913 - keyword-only report fields
         committed_build=build,
         launch_tcb=SIM_TCB,
     )
-    der_sig = key.sign(body[: layout.SIGNED_LEN], ec.ECDSA(hashes.SHA384()))
+    return sign_report(body, key)
+
+
+def sign_report(report: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """`report` with its signature field replaced: ECDSA P-384/SHA-384 over bytes 0x0..0x29F, R and S
+    little-endian in 72-byte fields (spec §1.1). Also used by tests to sign with synthetic VCEKs."""
+    if len(report) != layout.REPORT_LEN:
+        raise ValueError(f"an SNP report is {layout.REPORT_LEN} bytes")
+    der_sig = key.sign(report[: layout.SIGNED_LEN], ec.ECDSA(hashes.SHA384()))
     r, s = decode_dss_signature(der_sig)
     width = layout.SIG_COMPONENT_LEN
     return (
-        body[: layout.SIGNED_LEN]
+        report[: layout.SIGNED_LEN]
         + r.to_bytes(width, "little")
         + s.to_bytes(width, "little")
-        + body[layout.SIGNED_LEN + 2 * width :]
+        + report[layout.SIGNED_LEN + 2 * width :]
     )
