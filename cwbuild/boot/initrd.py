@@ -74,17 +74,19 @@ def kit_entries(kit: Kit, modules: Sequence[str]) -> tuple[dict[str, Entry], tup
         entries[link] = Entry.symlink(target)
     for dest, rel in kit.userland().items():
         mode = int(kit.manifest["files"][rel].get("mode", 0o644))
-        entries[dest] = Entry.file(kit.path(rel).read_bytes(), mode)
+        entries[dest] = Entry.file(kit.read(rel), mode)
     entries["usr/bin/sh"] = Entry.symlink("busybox")
-    tree = ModuleTree(kit.modules_dir)
+    prefix = kit.manifest["kernel"]["modules"] + "/"
+    module_files = [rel[len(prefix) :] for rel in kit.manifest["files"] if rel.startswith(prefix)]
+    tree = ModuleTree(module_files, lambda rel: kit.read(prefix + rel))
     loaded = tree.closure(modules)
     mod_root = f"usr/lib/modules/{kit.kernel_version}"
     for module in loaded:
         entries[f"{mod_root}/{module.path}"] = Entry.file(module.data)
     entries[f"{mod_root}/modules.dep"] = Entry.file(modules_dep(loaded))
     for extra in ("modules.builtin", "modules.order"):
-        if (kit.modules_dir / extra).is_file():
-            entries[f"{mod_root}/{extra}"] = Entry.file((kit.modules_dir / extra).read_bytes())
+        if extra in module_files:
+            entries[f"{mod_root}/{extra}"] = Entry.file(kit.read(prefix + extra))
     order = "".join(f"/{mod_root}/{m.path}\n" for m in loaded)
     entries[MODULE_LIST] = Entry.file(order.encode("utf-8"))
     return entries, tuple(m.name for m in loaded)

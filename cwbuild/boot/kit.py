@@ -97,6 +97,13 @@ class Kit:
             raise KitError(f"kit {self.id[:12]} has no file {rel!r}")
         return self.root / FILES / _safe_rel(rel)
 
+    def read(self, rel: str) -> bytes:
+        """The bytes of a file listed in the manifest, checked against its sha256 there."""
+        data = self.path(rel).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"][rel]["sha256"]:
+            raise KitError(f"kit {self.id[:12]}: {rel} does not match its sha256 in the manifest")
+        return data
+
     @property
     def release(self) -> str:
         """The Debian release the kit was fetched from."""

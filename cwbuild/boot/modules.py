@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import lzma
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,25 +83,30 @@ class Module:
 
 
 class ModuleTree:
-    """The modules of one kernel: `root` is `.../lib/modules/<version>`."""
+    """The modules of one kernel: `files` are paths relative to `lib/modules/<version>`, `read` reads one."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, files: Iterable[str], read: Callable[[str], bytes]) -> None:
+        self.read = read
         self.paths: dict[str, str] = {}
-        kernel_dir = root / "kernel"
-        if not kernel_dir.is_dir():
-            raise KitError(f"{root}: no kernel/ module directory")
-        for file in sorted(kernel_dir.rglob("*.ko*")):
-            rel = file.relative_to(root).as_posix()
-            self.paths.setdefault(module_name(rel), rel)
-        builtin = root / "modules.builtin"
-        lines = builtin.read_text("utf-8").split() if builtin.is_file() else []
-        self.builtin = frozenset(module_name(line) for line in lines if line)
+        names = sorted(files)
+        for rel in names:
+            if rel.startswith("kernel/") and rel.endswith(_SUFFIXES):
+                self.paths.setdefault(module_name(rel), rel)
+        if not self.paths:
+            raise KitError("the kernel has no loadable modules under kernel/")
+        lines = read("modules.builtin").decode("utf-8").split() if "modules.builtin" in names else []
+        self.builtin = frozenset(module_name(line) for line in lines if line.endswith(_SUFFIXES))
+
+    @classmethod
+    def from_dir(cls, root: Path) -> ModuleTree:
+        """The modules in a directory such as /usr/lib/modules/<version>."""
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        return cls(files, lambda rel: (root / rel).read_bytes())
 
     def load(self, name: str) -> Module:
         """Read and parse one module."""
         rel = self.paths[name]
-        data = decompress(rel, (self.root / rel).read_bytes())
+        data = decompress(rel, self.read(rel))
         info = elf.modinfo(data, rel)
         depends = tuple(d.replace("-", "_") for v in info.get("depends", []) for d in v.split(",") if d)
         return Module(name, rel.removesuffix(".xz").removesuffix(".zst").removesuffix(".gz"), data, depends)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cwbuild.boot.initrd import MODULE_LIST, build_initrd
-from cwbuild.boot.kit import Kit
+from cwbuild.boot.kit import Kit, export, import_kit
+from cwbuild.errors import KitError
 from tests.kits import cached_kit
 
 pytestmark = pytest.mark.integration
@@ -73,6 +74,31 @@ def test_initrd_is_byte_reproducible(kit: Kit, tmp_path: Path) -> None:
     other, seg_other = _build(kit, tmp_path / "c", workload=b"wl-2\n", cache=tmp_path / "a" / "cache")
     assert other.read_bytes() != a.read_bytes()
     assert seg_other == seg_a  # the workload never touches the kit's part
+
+
+def test_initrd_same_after_export_import(kit: Kit, tmp_path: Path) -> None:
+    imported = import_kit(_exported(kit, tmp_path), tmp_path / "other-cache")
+    assert imported.id == kit.id
+    assert imported.root != kit.root
+    a, _ = _build(kit, tmp_path / "a")
+    b, _ = _build(imported, tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_initrd_refuses_a_modified_kit_file(kit: Kit, tmp_path: Path) -> None:
+    imported = import_kit(_exported(kit, tmp_path), tmp_path / "c")
+    victim = imported.path("userland/usr/bin/curl")
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(KitError, match="does not match its sha256"):
+        _build(imported, tmp_path / "x")
+    assert not (tmp_path / "x" / "initrd.img").exists()
+
+
+def _exported(kit: Kit, tmp: Path) -> Path:
+    archive = tmp / "kit.tar"
+    if not archive.exists():
+        export(kit, archive)
+    return archive
 
 
 def test_initrd_readable_by_gnu_cpio(kit: Kit, tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def test_elf_needed_matches_readelf(kit: Kit) -> None:
 
 
 def test_module_closure_matches_modinfo(kit: Kit) -> None:
-    tree = ModuleTree(kit.modules_dir)
+    tree = ModuleTree.from_dir(kit.modules_dir)
     loaded = tree.closure(DEFAULT_MODULES)
     names = [m.name for m in loaded]
     for m in loaded:
