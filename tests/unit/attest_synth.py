@@ -9,16 +9,20 @@ P-256 ECDSA-SHA256 for Intel), extensions and wire formats as the real ones (spe
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from cwbuild.attest import snp_report as layout
+from cwbuild.attest import tdx_quote as q
 from cwbuild.attest.sim import sign_report
 from cwbuild.attest.tcb import Product, TcbParts
 from cwbuild.attest.trust import AMD_PSS, AmdRoots, TrustStore
@@ -231,3 +235,261 @@ def snp_report(
     }
     values.update(fields)
     return sign_report(layout.encode_report(**values), key)
+
+
+# --- Intel -------------------------------------------------------------------------------------------------
+
+SGX = "1.2.840.113741.1.13.1"
+
+
+def intel_name(cn: str) -> x509.Name:
+    """§5: CN=..., O=Intel Corporation, L=Santa Clara, ST=CA, C=US."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Corporation"),
+            x509.NameAttribute(NameOID.LOCALITY_NAME, "Santa Clara"),
+            x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "CA"),
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+        ]
+    )
+
+
+def sgx_extension(fmspc: bytes, pceid: bytes, sgx_svns: tuple[int, ...], pcesvn: int) -> bytes:
+    """§3.5: SEQUENCE of {OID, value}: PPID, TCB {comp 1..16, PCESVN, CPUSVN}, PCE-ID, FMSPC, SGX type."""
+    comps = [seq(der_oid(f"{SGX}.2.{i + 1}"), der_int(svn)) for i, svn in enumerate(sgx_svns)]
+    tcb = seq(
+        *comps,
+        seq(der_oid(f"{SGX}.2.17"), der_int(pcesvn)),
+        seq(der_oid(f"{SGX}.2.18"), tlv(0x04, bytes(16))),
+    )
+    return seq(
+        seq(der_oid(f"{SGX}.1"), tlv(0x04, b"\x01" * 16)),
+        seq(der_oid(f"{SGX}.2"), tcb),
+        seq(der_oid(f"{SGX}.3"), tlv(0x04, pceid)),
+        seq(der_oid(f"{SGX}.4"), tlv(0x04, fmspc)),
+        seq(der_oid(f"{SGX}.5"), tlv(0x0A, b"\x00")),
+    )
+
+
+def intel_cert(
+    cn: str,
+    key: ec.EllipticCurvePublicKey,
+    issuer: x509.Name,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    serial: int = 1,
+    not_after: datetime = NOW + YEAR,
+    ca: bool = False,
+    sgx: bytes | None = None,
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(intel_name(cn))
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(serial)
+        .not_valid_before(NOW - YEAR)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sgx is not None:
+        builder = builder.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX), sgx), False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def p256() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def rs(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA P-256/SHA-256 as r||s big-endian (§3.3)."""
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
+
+
+FMSPC = bytes.fromhex("00906ed50000")
+PCEID = bytes(2)
+QE_MRSIGNER = b"\xdc" * 32
+QE_ATTRIBUTES = bytes.fromhex("11" + "00" * 15)
+
+
+@dataclass
+class IntelPki:
+    """Root -> PCK Platform CA -> PCK, Root -> TCB Signing; quotes and collateral signed with them."""
+
+    root_key: ec.EllipticCurvePrivateKey = field(default_factory=p256)
+    inter_key: ec.EllipticCurvePrivateKey = field(default_factory=p256)
+    pck_key: ec.EllipticCurvePrivateKey = field(default_factory=p256)
+    tcb_key: ec.EllipticCurvePrivateKey = field(default_factory=p256)
+    att_key: ec.EllipticCurvePrivateKey = field(default_factory=p256)
+    sgx_svns: tuple[int, ...] = (5,) * 16
+    pcesvn: int = 11
+
+    def __post_init__(self) -> None:
+        root_name = intel_name("Intel SGX Root CA")
+        self.root = intel_cert(
+            "Intel SGX Root CA", self.root_key.public_key(), root_name, self.root_key, ca=True
+        )
+        self.inter = intel_cert(
+            "Intel SGX PCK Platform CA",
+            self.inter_key.public_key(),
+            root_name,
+            self.root_key,
+            serial=2,
+            ca=True,
+        )
+        self.tcb_signing = intel_cert(
+            "Intel SGX TCB Signing", self.tcb_key.public_key(), root_name, self.root_key, serial=3
+        )
+        self.pck = self.make_pck()
+
+    def make_pck(
+        self, *, signer: ec.EllipticCurvePrivateKey | None = None, not_after: datetime = NOW + YEAR
+    ) -> x509.Certificate:
+        sgx = sgx_extension(FMSPC, PCEID, self.sgx_svns, self.pcesvn)
+        issuer = intel_name("Intel SGX PCK Platform CA")
+        key = self.pck_key.public_key()
+        return intel_cert(
+            "Intel SGX PCK Certificate",
+            key,
+            issuer,
+            signer or self.inter_key,
+            serial=0x77,
+            not_after=not_after,
+            sgx=sgx,
+        )
+
+    def trust(self) -> TrustStore:
+        return TrustStore(amd={}, intel_root=self.root)
+
+    def quote(
+        self,
+        *,
+        version: int = 4,
+        body_type: int = 2,
+        tee_tcb_svn: bytes = bytes([3, 1] + [5] * 14),
+        td_attributes: int = 1 << 28,
+        qe_isv_svn: int = 4,
+        auth: bytes = b"\xaa" * 32,
+        bound_auth: bytes | None = None,
+        chain: bytes | None = None,
+    ) -> bytes:
+        header = q.HEADER.pack(version, 2, 0x81, 0, q.INTEL_QE_VENDOR_ID, bytes(20))
+        body = q.BODY_TDX10.pack(
+            tee_tcb_svn, b"\x01" * 48, bytes(48), bytes(8), td_attributes, 0xE7, b"\x11" * 48, bytes(48),
+            bytes(48), bytes(48), b"\x21" * 48, b"\x22" * 48, b"\x23" * 48, bytes(48), b"\x33" * 64,
+        )  # fmt: skip
+        if body_type == 3:
+            body += q.BODY_TDX15_EXTRA.pack(bytes(16), b"\x44" * 48)
+        signed = header + body if version == 4 else header + q.V5_DESCRIPTOR.pack(body_type, len(body)) + body
+        att_raw = self.att_key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)[1:]
+        binding = hashlib.sha256(att_raw + (auth if bound_auth is None else bound_auth)).digest() + bytes(32)
+        qe_report = q.QE_REPORT.pack(
+            bytes(16), 0, bytes(12), bytes(16), QE_ATTRIBUTES, b"\x99" * 32, bytes(32), QE_MRSIGNER,
+            bytes(32), bytes(64), 2, qe_isv_svn, 0, bytes(42), bytes(16), binding,
+        )  # fmt: skip
+        chain = pem(self.pck, self.inter, self.root) + b"\x00" if chain is None else chain
+        inner = (
+            qe_report
+            + rs(self.pck_key, qe_report)
+            + q.AUTH_SIZE.pack(len(auth))
+            + auth
+            + q.CERT_HEADER.pack(5, len(chain))
+            + chain
+        )
+        sig_data = rs(self.att_key, signed) + att_raw + q.CERT_HEADER.pack(6, len(inner)) + inner
+        return signed + q.SIG_LEN_FIELD.pack(len(sig_data)) + sig_data + bytes(70)
+
+    def crl(
+        self,
+        issuer_key: ec.EllipticCurvePrivateKey,
+        issuer: x509.Certificate,
+        revoked: tuple[int, ...],
+        *,
+        next_update: datetime = NOW + timedelta(days=30),
+    ) -> bytes:
+        builder = x509.CertificateRevocationListBuilder().issuer_name(issuer.subject)
+        builder = builder.last_update(NOW - timedelta(days=1)).next_update(next_update)
+        for serial in revoked:
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(NOW - timedelta(days=1))
+            )
+            builder = builder.add_revoked_certificate(entry.build())
+        return builder.sign(issuer_key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+    def collateral(
+        self,
+        *,
+        platform_levels: tuple[tuple[int, int, int, str], ...] = (
+            (5, 11, 5, "UpToDate"),
+            (3, 10, 3, "OutOfDate"),
+        ),
+        module_levels: tuple[tuple[int, str], ...] = ((3, "UpToDate"), (2, "OutOfDate")),
+        qe_mrsigner: bytes = QE_MRSIGNER,
+        fmspc: bytes = FMSPC,
+        revoked_pck: tuple[int, ...] = (),
+        revoked_inter: tuple[int, ...] = (),
+        signer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
+        next_update: datetime = NOW + timedelta(days=30),
+    ) -> bytes:
+        """An offline bundle (§3.7). Levels: (sgx svn, pcesvn, tdx svn, status); module (isvsvn, status)."""
+        dates = {"issueDate": _iso(NOW - timedelta(days=1)), "nextUpdate": _iso(next_update)}
+        levels = [
+            {
+                "tcb": {
+                    "sgxtcbcomponents": [{"svn": sgx}] * 16,
+                    "pcesvn": pce,
+                    "tdxtcbcomponents": [{"svn": tdx}] * 16,
+                },
+                "tcbDate": "2024-03-13T00:00:00Z",
+                "tcbStatus": status,
+                "advisoryIDs": [] if status == "UpToDate" else ["INTEL-SA-00000"],
+            }
+            for sgx, pce, tdx, status in platform_levels
+        ]
+        module = {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "FF" * 8}
+        tcb_info = {
+            "id": "TDX", "version": 3, **dates, "fmspc": fmspc.hex().upper(), "pceId": PCEID.hex(),
+            "tcbType": 0, "tcbEvaluationDataNumber": 17, "tdxModule": module,
+            "tdxModuleIdentities": [
+                {"id": "TDX_01", **module, "tcbLevels": [
+                    {"tcb": {"isvsvn": svn}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": st}
+                    for svn, st in module_levels
+                ]},
+            ],
+            "tcbLevels": levels,
+        }  # fmt: skip
+        qe_identity = {
+            "id": "TD_QE", "version": 2, **dates, "tcbEvaluationDataNumber": 17,
+            "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
+            "attributes": QE_ATTRIBUTES.hex(), "attributesMask": "FBFFFFFFFFFFFFFF" + "00" * 8,
+            "mrsigner": qe_mrsigner.hex().upper(), "isvprodid": 2,
+            "tcbLevels": [{"tcb": {"isvsvn": 4}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": "UpToDate"}],
+        }  # fmt: skip
+        key, cert = signer or (self.tcb_key, self.tcb_signing)
+        tcb_text = json.dumps(tcb_info, separators=(",", ":"))
+        qe_text = json.dumps(qe_identity, separators=(",", ":"))
+        chain = pem(cert, self.root).decode()
+        bundle = {
+            "tcb_info_issuer_chain": chain,
+            "tcb_info": tcb_text,
+            "tcb_info_signature": rs(key, tcb_text.encode()).hex(),
+            "qe_identity_issuer_chain": chain,
+            "qe_identity": qe_text,
+            "qe_identity_signature": rs(key, qe_text.encode()).hex(),
+            "pck_crl_issuer_chain": pem(self.inter, self.root).decode(),
+            "pck_crl": self.crl(self.inter_key, self.inter, revoked_pck, next_update=next_update).hex(),
+            "root_ca_crl": self.crl(self.root_key, self.root, revoked_inter, next_update=next_update).hex(),
+        }
+        return json.dumps(bundle).encode()
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
