@@ -167,7 +167,22 @@ def run_bundle(bundle: Path, as_json: bool) -> int:
 _TEES = [t.value for t in Tee]
 
 
-@click.command("measure")
+class _JsonUsageErrors(click.Command):
+    """Flag errors click finds itself are JSON objects too when --json is given (exit 2)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        wants_json = "--json" in args  # the parser consumes `args`
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if not wants_json:
+                raise
+            doc = {"error": exc.format_message(), "hint": None, "kind": "UsageError"}
+            sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+            raise click.exceptions.Exit(2) from None
+
+
+@click.command("measure", cls=_JsonUsageErrors)
 @click.option(
     "--tee", type=click.Choice(_TEES), help="TEE type (krun-*: --firmware is a libkrunfw-sev library)."
 )

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cwbuild.errors import MeasurementError
 from cwbuild.measure import authenticode
@@ -70,8 +71,8 @@ def digest_file(path: Path, wants: Wants = Wants()) -> FileDigests:
         raise MeasurementError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _digest_stream(f: object, size: int, wants: Wants) -> FileDigests:
-    read = f.readinto  # type: ignore[attr-defined]  # a binary file object
+def _digest_stream(f: BinaryIO, size: int, wants: Wants) -> FileDigests:
+    read = f.readinto  # type: ignore[attr-defined]  # BinaryIO lacks readinto; open("rb") files have it
     sha256 = hashlib.sha256()
     sha384 = hashlib.sha384() if wants.sha384 else None
     ranged: _RangeHasher | None = None

@@ -212,3 +212,9 @@ def test_bundle_missing_firmware(bundle: Path) -> None:
 def test_bundle_not_json(tmp_path: Path) -> None:
     (tmp_path / MEASUREMENT_JSON).write_text("{nope")
     assert _json(["--bundle", tmp_path], code=1)["kind"] == "FormatError"
+
+
+def test_click_level_usage_error_is_json_too() -> None:
+    doc = _json(["--tee", "snp", "--firmware", AMDSEV, "--cpus", "many"], code=2)
+    assert doc["kind"] == "UsageError"
+    assert "--cpus" in str(doc["error"])
