@@ -17,6 +17,12 @@ Per entry, in tar order (Go names in brackets are the upstream steps reproduced)
 Where Podman fails, cwbuild raises `LayerError` naming the layer and the entry. Directory mtimes come from
 their own entries and are not disturbed by later writes into them (Podman leaves the time of extraction
 there). Writing stays inside the root: see `fsops`.
+
+Ownership needs root (lchown to any uid). Rootless, run cwbuild inside a user namespace with a subordinate ID
+range (`podman unshare cwbuild ...`): there it is root, owners within the mapping come out as they do for root
+(on disk they are the mapped host IDs, and tools run in the same namespace, such as mkfs.ext4 -d, see the
+image's IDs); an ID outside the mapping fails the layer, as it does for rootless Podman. Without a namespace
+owners cannot be kept: every file belongs to the caller, and the result carries a warning saying so.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ WH_META_PREFIX = ".wh..wh."
 WH_OPAQUE = ".wh..wh..opq"
 #: PAX records carrying extended attributes (star/GNU tar's SCHILY.xattr.NAME, read by Go's archive/tar).
 XATTR_PAX = "SCHILY.xattr."
+NOT_ROOT_WARNING = "not running as root: file owners are not kept (run under `podman unshare` to keep them)"
 #: Linux PATH_MAX (include/uapi/linux/limits.h).
 PATH_MAX = 4096
 
@@ -91,6 +98,9 @@ def flatten(image: Image, dest: str | os.PathLike[str], *, limits: Limits | None
     except OSError as exc:
         raise UsageError(f"cannot create {path}: {exc.strerror}") from exc
     state = _State(limits or Limits(), as_root=os.geteuid() == 0)
+    if not state.as_root:
+        state.warnings.append(NOT_ROOT_WARNING)
+        log.warning("%s", NOT_ROOT_WARNING)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         root = Root(fd)
