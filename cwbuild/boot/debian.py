@@ -11,13 +11,14 @@ for frozen mirrors.
 from __future__ import annotations
 
 import email.utils
+import functools
 import gzip
 import hashlib
 import io
 import lzma
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -227,37 +228,78 @@ def _stanza_fields(stanza: str) -> dict[str, str]:
     return fields
 
 
-def parse_packages(text: bytes, *, suite: str) -> tuple[dict[str, Package], dict[str, tuple[str, ...]]]:
-    """Packages by name (highest version wins) and the virtual-package map (deb822, Debian policy §5.3)."""
-    packages: dict[str, Package] = {}
-    provides: dict[str, list[str]] = {}
-    for stanza in text.decode("utf-8", "replace").split("\n\n"):
-        if not stanza.strip():
-            continue
-        f = _stanza_fields(stanza.strip("\n"))
-        try:
-            deps = _relations(f.get("Pre-Depends", "")) + _relations(f.get("Depends", ""))
-            pkg = Package(
-                name=f["Package"],
-                version=f["Version"],
-                architecture=f["Architecture"],
-                filename=f["Filename"],
-                size=int(f["Size"]),
-                sha256=f["SHA256"].lower(),
-                depends=tuple(deps),
-                provides=tuple(n for (n, *_) in _relations(f.get("Provides", ""))),
-                suite=suite,
+def _parse_stanza(stanza: bytes, suite: str) -> Package:
+    f = _stanza_fields(stanza.decode("utf-8", "replace").strip("\n"))
+    try:
+        deps = _relations(f.get("Pre-Depends", "")) + _relations(f.get("Depends", ""))
+        pkg = Package(
+            name=f["Package"],
+            version=f["Version"],
+            architecture=f["Architecture"],
+            filename=f["Filename"],
+            size=int(f["Size"]),
+            sha256=f["SHA256"].lower(),
+            depends=tuple(deps),
+            provides=tuple(n for (n, *_) in _relations(f.get("Provides", ""))),
+            suite=suite,
+        )
+    except (KeyError, ValueError) as exc:
+        raise FormatError(f"Packages index of {suite}: malformed stanza ({exc})") from exc
+    if not re.fullmatch(r"[0-9a-f]{64}", pkg.sha256) or ".." in pkg.filename.split("/") or pkg.size < 0:
+        raise FormatError(f"Packages index of {suite}: bad SHA256, Size or Filename for {pkg.name}")
+    return pkg
+
+
+def _by_version(a: Package, b: Package) -> int:
+    return compare_versions(a.version, b.version)
+
+
+class PackageIndex(Mapping[str, Package]):
+    """A Packages index by package name; a stanza is parsed when first used, the highest version wins.
+
+    Only a few dozen of the ~70000 stanzas are ever needed, so they are kept as bytes until then.
+    """
+
+    def __init__(self, text: bytes, *, suite: str) -> None:
+        self.suite = suite
+        self._raw: dict[str, list[bytes]] = {}
+        self._parsed: dict[str, Package] = {}
+        provides: dict[str, set[str]] = {}
+        for chunk in text.split(b"\n\n"):
+            stanza = chunk.strip(b"\n")
+            if not stanza:
+                continue
+            if not stanza.startswith(b"Package:"):
+                raise FormatError(f"Packages index of {suite}: a stanza does not start with Package:")
+            name = (
+                stanza[8 : stanza.find(b"\n") if b"\n" in stanza else None].strip().decode("utf-8", "replace")
             )
-        except (KeyError, ValueError) as exc:
-            raise FormatError(f"Packages index of {suite}: malformed stanza ({exc})") from exc
-        if not re.fullmatch(r"[0-9a-f]{64}", pkg.sha256) or ".." in pkg.filename.split("/"):
-            raise FormatError(f"Packages index of {suite}: bad SHA256 or Filename for {pkg.name}")
-        old = packages.get(pkg.name)
-        if old is None or compare_versions(pkg.version, old.version) > 0:
-            packages[pkg.name] = pkg
-        for virtual in pkg.provides:
-            provides.setdefault(virtual, []).append(pkg.name)
-    return packages, {k: tuple(sorted(set(v))) for k, v in provides.items()}
+            self._raw.setdefault(name, []).append(stanza)
+            if b"\nProvides:" in stanza:
+                for virtual in _parse_stanza(stanza, suite).provides:
+                    provides.setdefault(virtual, set()).add(name)
+        self.provides = {k: tuple(sorted(v)) for k, v in provides.items()}
+
+    def __getitem__(self, name: str) -> Package:
+        if name not in self._parsed:
+            candidates = [_parse_stanza(s, self.suite) for s in self._raw[name]]
+            self._parsed[name] = max(candidates, key=functools.cmp_to_key(_by_version))
+        return self._parsed[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+def parse_packages(text: bytes, *, suite: str) -> tuple[PackageIndex, Mapping[str, tuple[str, ...]]]:
+    """Packages by name (highest version wins) and the virtual-package map (deb822, Debian policy §5.3)."""
+    index = PackageIndex(text, suite=suite)
+    return index, index.provides
 
 
 def closure(suite: Suite, roots: Iterable[str], *, skip: frozenset[str] = frozenset()) -> list[Package]:

@@ -69,9 +69,17 @@ def usr_path(path: str) -> str:
     return path
 
 
-def fetch(opts: FetchOptions) -> Kit:
-    """Fetch, verify and install a kit; returns it (an identical kit already cached is reused)."""
-    started = time.monotonic()
+@dataclass(frozen=True)
+class _Plan:
+    """The pinned packages of a kit and where their indexes came from (the indexes themselves are dropped)."""
+
+    kernel: debian.Package
+    firmware: dict[str, debian.Package]
+    userland: list[debian.Package]
+    suites: dict[str, dict[str, str]]
+
+
+def _plan(opts: FetchOptions) -> _Plan:
     suite = _suite(opts, opts.release)
     suites = {suite.name: suite}
     kernel = suite.get(_kernel_package(suite))
@@ -84,17 +92,33 @@ def fetch(opts: FetchOptions) -> Kit:
         else:
             firmware[tee] = suite.get(pkg_name)
     userland = debian.closure(suite, USERLAND_ROOTS)
+    info = {
+        name: {
+            "inrelease_sha256": s.inrelease_sha256,
+            "date": s.release.fields.get("Date", ""),
+            "valid_until": s.release.fields.get("Valid-Until", ""),
+        }
+        for name, s in sorted(suites.items())
+    }
+    return _Plan(kernel, firmware, userland, info)
+
+
+def fetch(opts: FetchOptions) -> Kit:
+    """Fetch, verify and install a kit; returns it (an identical kit already cached is reused)."""
+    started = time.monotonic()
+    plan = _plan(opts)
     staging = staging_dir(opts.cache)
     try:
         staged = _Staged()
-        kernel_info = _stage_kernel(opts.archive, kernel, staging, staged)
+        kernel_info = _stage_kernel(opts.archive, plan.kernel, staging, staged)
         fw_paths = {
             tee: _stage_firmware(opts.archive, pkg, FIRMWARE[tee][1], staging, staged)
-            for tee, pkg in firmware.items()
+            for tee, pkg in plan.firmware.items()
         }
-        _stage_userland(opts.archive, userland, staging, staged)
-        used = sorted({kernel.name, *(p.name for p in firmware.values()), *staged.origin.values()})
-        every = {p.name: (p, role) for role, pkgs in _roles(kernel, firmware, userland).items() for p in pkgs}
+        _stage_userland(opts.archive, plan.userland, staging, staged)
+        used = sorted({plan.kernel.name, *(p.name for p in plan.firmware.values()), *staged.origin.values()})
+        roles = _roles(plan.kernel, plan.firmware, plan.userland)
+        every = {p.name: (p, role) for role, pkgs in roles.items() for p in pkgs}
         manifest = {
             "format": KIT_FORMAT,
             "release": opts.release,
@@ -105,7 +129,7 @@ def fetch(opts: FetchOptions) -> Kit:
             "packages": [_pkg_entry(*every[name]) for name in used],
             "files": staged.files,
         }
-        provenance = _provenance(opts, suites, sorted(every), time.monotonic() - started)
+        provenance = _provenance(opts, plan.suites, sorted(every), time.monotonic() - started)
         kit = install(staging, opts.cache, manifest, provenance)
     finally:
         if staging.exists():
@@ -148,7 +172,7 @@ def _pkg_entry(pkg: debian.Package, role: str) -> dict[str, Any]:
 
 
 def _provenance(
-    opts: FetchOptions, suites: Mapping[str, debian.Suite], closure: list[str], secs: float
+    opts: FetchOptions, suites: Mapping[str, Mapping[str, str]], closure: list[str], secs: float
 ) -> dict[str, Any]:
     return {
         "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -156,14 +180,7 @@ def _provenance(
         "archive": opts.archive.url,
         "keyring": str(opts.archive.keyring),
         "allow_expired": opts.archive.allow_expired,
-        "suites": {
-            name: {
-                "inrelease_sha256": s.inrelease_sha256,
-                "date": s.release.fields.get("Date", ""),
-                "valid_until": s.release.fields.get("Valid-Until", ""),
-            }
-            for name, s in sorted(suites.items())
-        },
+        "suites": dict(suites),
         "closure": closure,
     }
 
