@@ -141,7 +141,7 @@ def _snp_section(
     elif s.type is SevSectionType.SNP_SECRETS:
         ld.empty_pages(PageType.SECRETS, s.gpa, PAGE_SIZE)
     elif s.type is SevSectionType.CPUID:
-        if vmm is not VmmType.EC2:  # EC2 adds the CPUID pages after all sections (step 5)
+        if not vmm.is_ec2:  # EC2 adds the CPUID pages after all sections (step 5)
             ld.empty_pages(PageType.CPUID, s.gpa, PAGE_SIZE)
     elif s.type is SevSectionType.SNP_KERNEL_HASHES:
         if boot is None:
@@ -163,7 +163,7 @@ def snp_metadata_pages(ld: LaunchDigest, fw: Firmware, boot: BootHashes | None, 
         )
     for section in fw.sev_sections:
         _snp_section(ld, fw, section, boot, vmm)
-    if vmm is VmmType.EC2:
+    if vmm.is_ec2:
         for section in fw.sev_sections:
             if section.type is SevSectionType.CPUID:
                 ld.empty_pages(PageType.CPUID, section.gpa, PAGE_SIZE)

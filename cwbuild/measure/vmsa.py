@@ -114,11 +114,22 @@ class VmmType(enum.StrEnum):
     QEMU = "qemu"
     EC2 = "ec2"
     GCE = "gce"
+    #: EC2 as modelled before sev-snp-measure 0.0.13 (rdx 0), as the Go and Rust ports still do (spec §5.3)
+    EC2_LEGACY = "ec2-rdx0"
 
     @property
     def needs_vcpu_sig(self) -> bool:
         """Only QEMU puts the vCPU signature into rdx (spec §5.4)."""
         return self is VmmType.QEMU
+
+    @property
+    def is_ec2(self) -> bool:
+        return self in (VmmType.EC2, VmmType.EC2_LEGACY)
+
+    @property
+    def fixed_rdx(self) -> int:
+        """rdx for VMMs that ignore the vCPU model (spec §1.7 table)."""
+        return 0 if self is VmmType.EC2_LEGACY else RDX_FIXED
 
 
 def cpu_sig(family: int, model: int, stepping: int) -> int:
@@ -170,6 +181,7 @@ _VMM_REGS = {
     VmmType.QEMU: _VmmRegs(0x9B, 0x9B, 0x93, 0x8B, MXCSR_INIT2, FCW_INIT2, G_PAT_DEFAULT),
     VmmType.EC2: _VmmRegs(0x9A, 0x9B, 0x92, 0x83, 0, 0, G_PAT_DEFAULT),
     VmmType.GCE: _VmmRegs(0x9B, 0x9B, 0x93, 0x8B, 0, 0, G_PAT_GCE),
+    VmmType.EC2_LEGACY: _VmmRegs(0x9A, 0x9B, 0x92, 0x83, 0, 0, G_PAT_DEFAULT),
 }
 
 
@@ -207,7 +219,7 @@ def vmsa_page(*, eip: int, vmm: VmmType, vcpu_sig: int, sev_features: int) -> by
         eip, regs.cs_attr_bsp if eip == BSP_EIP else regs.cs_attr_ap, regs.ss_attr, regs.tr_attr
     )
     area.g_pat = regs.g_pat
-    area.rdx = vcpu_sig if vmm.needs_vcpu_sig else RDX_FIXED
+    area.rdx = vcpu_sig if vmm.needs_vcpu_sig else vmm.fixed_rdx
     area.sev_features = sev_features
     area.mxcsr = regs.mxcsr
     area.x87_fcw = regs.fcw

@@ -128,6 +128,26 @@ def test_ssm_snp_vectors(ssm_fixtures: Path, kwargs: dict[str, object], expected
     assert _measure(Tee.SNP, ssm_fixtures / AMDSEV.name, **kwargs) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        (
+            0x1,
+            "7d3756157c805bf6adf617064c8552e8c1688fa1c8756f11cbf56ba5d25c9270fb69c0505c1cbe1c5c66c0e34c6ed3be",
+        ),
+        (
+            0x21,
+            "6ae80856486b1396af8c82a40351d6ed76a20c785e9c7fa4ffa27c22d5d6313b4b3b458cd3c9968e6f89fb5d8450d7a6",
+        ),
+    ],
+)
+def test_virtee_sev_crate_legacy_ec2_vectors(ssm_fixtures: Path, features: int, expected: str) -> None:
+    """virtee/sev@9cf2adb tests/measurement.rs (Rust): EC2 with rdx 0, as before sev-snp-measure 0.0.13."""
+    assert (
+        _measure(Tee.SNP, ssm_fixtures / AMDSEV.name, vmm=VmmType.EC2_LEGACY, features=features) == expected
+    )
+
+
 def test_ssm_ovmf_hash(ssm_fixtures: Path) -> None:
     assert ovmf_pages_digest(Firmware.parse((ssm_fixtures / AMDSEV.name).read_bytes())).hex() == SSM_SEED
 

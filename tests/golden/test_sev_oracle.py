@@ -90,7 +90,7 @@ def _cases(tmp: Path) -> list[Case]:
                 vcpus=rng.randint(1, 64),
                 vcpu_type=vcpu_type,
                 vcpu_sig=VCPU_TYPES[vcpu_type] if vcpu_type else rng.getrandbits(32),
-                vmm=rng.choice(list(VmmType)),
+                vmm=rng.choice(list(VMMS)),
                 features=rng.choice([0x1, 0x21, 0x0, rng.getrandbits(16) | 1]),
                 kernel=kernel,
                 initrd=rng.choice(blobs) if kernel and rng.random() < 0.6 else None,
