@@ -368,6 +368,13 @@ class Service:
         merged["measurements"] = [dict(v)["measurement"] for v in workload.reference_values]
         return Policy.from_dict(merged).with_report_data(report_data)
 
+    def may_block(self, req: AttestRequest) -> bool:
+        """Whether deciding `req` may wait on the network (a VCEK fetch from AMD KDS)."""
+        if self.gate.certs.options.offline:
+            return False
+        workload = self.store.get_workload(req.workload_id)
+        return workload is not None and self.gate.may_fetch(workload.tee, req.evidence, req.certs)
+
     def attest(self, req: AttestRequest, *, client: str) -> bytes:
         """Decide; the secret wrapped (RSA-OAEP-SHA256) to the key bound in the evidence, or AttestRefused."""
         wid = req.workload_id

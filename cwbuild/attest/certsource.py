@@ -130,6 +130,18 @@ class CertSource:
                 return (der,)
         return ()
 
+    def may_fetch(self, report: SnpReport, table: bytes | None) -> bool:
+        """Whether `certs_for` may go to the network (not offline, no VCEK in the table, none cached)."""
+        if self.options.offline:
+            return False
+        try:
+            if table and ({GUID_VCEK, GUID_VLEK} & set(parse_cert_table(table))):
+                return False
+        except FormatError:
+            return False
+        paths = [self._cache_path(report, product) for product in _products(report)]
+        return not any(p is not None and p.is_file() for p in paths)
+
     def _cache_path(self, report: SnpReport, product: Product) -> Path | None:
         if self.options.cache_dir is None:
             return None

@@ -56,6 +56,15 @@ class EvidenceGate:
             return self._tdx(evidence, policy=policy, now=now)
         return refused("workload.tee_unsupported", f"no verifier for TEE {tee!r}")
 
+    def may_fetch(self, tee: str, evidence: bytes, table: bytes | None) -> bool:
+        """Whether `verify` may fetch certificates over the network for this evidence."""
+        if tee != "snp":
+            return False
+        try:
+            return self.certs.may_fetch(SnpReport.parse(evidence), table)
+        except FormatError:
+            return False
+
     def _sim(self, evidence: bytes, *, policy: Policy, now: datetime) -> Verdict:
         if self.sim_key is None:
             return refused(

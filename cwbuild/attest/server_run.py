@@ -178,10 +178,18 @@ def build(config: ServeConfig) -> tuple[Any, Service]:
     return app, service
 
 
+def plain_logging() -> None:
+    """A daemon logs plain timestamped lines (journald, files); the CLI's rich handler costs ~1 ms a line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().handlers[:] = [handler]
+
+
 def serve(config: ServeConfig) -> None:
     """Run until SIGINT/SIGTERM."""
     import uvicorn  # noqa: PLC0415 - only the server needs it
 
+    plain_logging()
     host, port = split_listen(config.listen)
     _check(config, host)
     app, service = build(config)

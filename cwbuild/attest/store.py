@@ -45,7 +45,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             used INTEGER NOT NULL DEFAULT 0
         ) STRICT""",
         "CREATE INDEX nonces_pending ON nonces (used, expires_at)",
-        "CREATE INDEX nonces_client ON nonces (client, used, expires_at)",
         "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL) STRICT",
     ),
 )
@@ -131,13 +130,16 @@ class SqliteStore:
             raise AttestError(f"cannot open database {path}: {exc}") from None
         path.chmod(0o600)
         self._lock = threading.Lock()
+        self._durable: bool | None = None
         self._last_purge = 0.0
         self._migrate()
 
     @contextmanager
     def _tx(self, *, durable: bool) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            if durable != self._durable:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -229,15 +231,11 @@ class SqliteStore:
         max_total, max_client = limits
         with self._tx(durable=False) as db:
             self._purge(db, now)
-            total = db.execute(
-                "SELECT COUNT(*) FROM nonces WHERE used = 0 AND expires_at > ?", (now,)
+            total, mine = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(client = ?), 0) FROM nonces WHERE used = 0 AND expires_at > ?",
+                (client, now),
             ).fetchone()
-            if int(total[0]) >= max_total:
-                return False
-            mine = db.execute(
-                "SELECT COUNT(*) FROM nonces WHERE client = ? AND used = 0 AND expires_at > ?", (client, now)
-            ).fetchone()
-            if int(mine[0]) >= max_client:
+            if int(total) >= max_total or int(mine) >= max_client:
                 return False
             db.execute("INSERT INTO nonces VALUES (?, ?, ?, ?, 0)", (nonce, workload_id, client, expires_at))
             return True
