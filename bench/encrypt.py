@@ -1,0 +1,179 @@
+"""Disk encryption throughput: cwbuild against `luksy encrypt` and the openssl single-core AES-XTS figure.
+
+    .venv/bin/python bench/encrypt.py [--size-mib 1024] [--runs 2] [--workdir /tmp] [--luksy PATH] [--skip-4g]
+
+Measures, on the same random input:
+  - whole command, default settings: `cwbuild disk encrypt` (LUKS2 4096, and LUKS1) vs `luksy encrypt`
+    (v2, and v1 `--luks1`), each with a passphrase file, wall clock including start-up and KDF;
+  - payload only: cwbuild's streamed AES-XTS of the file (xts.crypt_span, file to file) at 4096- and 512-byte
+    sectors; luksy's payload estimated as its whole time minus its time on a 1 MiB input (KDF benchmarks);
+  - `openssl speed -evp aes-256-xts` (one core, 16 KiB blocks): the machine's AES-XTS limit;
+  - peak memory (sum of RSS over the process tree, sampled every 20 ms) of `cwbuild disk encrypt` on 4 GiB.
+Not run by pytest. The machine may be shared: each figure is the best of --runs runs, all runs are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cwbuild.disk.xts import Span, XtsParams, backend_name, crypt_span, default_workers  # noqa: E402
+
+MiB = 1 << 20
+DEFAULT_LUKSY = Path("/var/cache/cwbuild-test-assets/x/usr/bin/luksy")
+
+
+def _timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _best(runs: int, argv: list[str]) -> tuple[float, list[float]]:
+    times = [_timed(argv) for _ in range(runs)]
+    return min(times), times
+
+
+def _openssl() -> float:
+    out = subprocess.run(
+        ["openssl", "speed", "-evp", "aes-256-xts", "-seconds", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(ln for ln in out.splitlines() if ln.upper().startswith("AES-256-XTS"))
+    return float(re.findall(r"([\d.]+)k", line)[-1]) * 1000  # bytes/s at the largest block size
+
+
+def _tree_rss(pid: int) -> int:
+    """Sum of VmRSS (bytes) of `pid` and its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024  # type: ignore[union-attr]
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, AttributeError):
+            continue
+    return total
+
+
+def _peak_memory(argv: list[str]) -> int:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.02)
+    if proc.returncode:
+        raise SystemExit(f"{argv} failed")
+    return peak
+
+
+def _payload_only(src: Path, dst: Path, size: int, sector: int, runs: int) -> tuple[float, list[float]]:
+    dst.write_bytes(b"")
+    os.truncate(dst, size)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        crypt_span(
+            Span(str(src), str(dst), 0, 0, size), params=XtsParams(os.urandom(64), sector), encrypt=True
+        )
+        times.append(time.perf_counter() - start)
+    return min(times), times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--luksy", type=Path, default=DEFAULT_LUKSY)
+    ap.add_argument("--skip-4g", action="store_true", help="skip the 4 GiB peak-memory run")
+    args = ap.parse_args()
+    size = args.size_mib * MiB
+    cw = [sys.executable, "-m", "cwbuild", "disk", "encrypt"]
+    results: dict[str, object] = {
+        "input_bytes": size,
+        "cpus": os.cpu_count(),
+        "workers": default_workers(),
+        "backend": backend_name(),
+        "loadavg_before": os.getloadavg(),
+    }
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="cwbuild-bench-") as tmp:
+        work = Path(tmp)
+        src, small, out = work / "plain.img", work / "small.img", work / "out.img"
+        pw = work / "pass"
+        pw.write_bytes(b"benchmark passphrase\n")
+        pw.chmod(0o600)
+        with src.open("wb") as f:
+            for _ in range(size // (64 * MiB)):
+                f.write(os.urandom(64 * MiB))
+        small.write_bytes(os.urandom(MiB))
+        results["openssl_aes_256_xts_one_core_Bps"] = _openssl()
+        for name, extra in (("luks2", []), ("luks1", ["--format", "luks1"])):
+            argv = [*cw, str(src), str(out), "--passphrase-file", str(pw), *extra]
+            best, times = _best(args.runs, argv)
+            results[f"cwbuild_{name}_whole_s"] = {"best": best, "runs": times}
+            out.unlink()
+        for sector in (4096, 512):
+            best, times = _payload_only(src, out, size, sector, args.runs)
+            results[f"cwbuild_payload_{sector}_s"] = {"best": best, "runs": times, "Bps": size / best}
+        if args.luksy.exists():
+            for name, extra in (("v2", []), ("v1", ["--luks1"])):
+                base = [str(args.luksy), "encrypt", "--password-file", str(pw), *extra, "-f"]
+                best, times = _best(args.runs, [*base, str(src), str(out)])
+                fixed, _ = _best(args.runs, [*base, str(small), str(out)])
+                results[f"luksy_{name}_whole_s"] = {"best": best, "runs": times}
+                results[f"luksy_{name}_payload_estimate_s"] = best - fixed
+        out.unlink(missing_ok=True)
+        if not args.skip_4g:
+            big = work / "big.img"
+            big.write_bytes(b"")
+            os.truncate(big, 4 << 30)  # sparse: reading it costs no disk, memory is what is measured
+            argv = [*cw, str(big), str(out), "--passphrase-file", str(pw), "--kdf", "pbkdf2"]
+            results["cwbuild_peak_rss_4GiB_bytes"] = _peak_memory(argv)
+    results["loadavg_after"] = os.getloadavg()
+    print(json.dumps(results, indent=2))
+    _summary(results, size)
+
+
+def _summary(r: dict[str, object], size: int) -> None:
+    def best(key: str) -> float:
+        value = r.get(key)
+        return float(value["best"]) if isinstance(value, dict) else float("nan")  # type: ignore[arg-type]
+
+    ossl = float(r["openssl_aes_256_xts_one_core_Bps"])  # type: ignore[arg-type]
+    print(f"\nopenssl aes-256-xts, one core: {ossl / 1e9:.2f} GB/s")
+    for sector in (4096, 512):
+        bps = size / best(f"cwbuild_payload_{sector}_s")
+        share = 100 * bps / ossl
+        print(f"cwbuild payload, {sector}-byte sectors: {bps / 1e9:.2f} GB/s = {share:.0f}% of openssl")
+    for cw_key, lk_key in (
+        ("cwbuild_luks2_whole_s", "luksy_v2_whole_s"),
+        ("cwbuild_luks1_whole_s", "luksy_v1_whole_s"),
+    ):
+        c, lk = best(cw_key), best(lk_key)
+        print(f"{cw_key}: {c:.2f} s vs {lk_key}: {lk:.2f} s -> {lk / c:.1f}x")
+    for v in ("v2", "v1"):
+        est = r.get(f"luksy_{v}_payload_estimate_s")
+        if isinstance(est, float):
+            print(f"luksy {v} payload (estimate): {est:.2f} s = {size / est / 1e9:.2f} GB/s")
+    peak = r.get("cwbuild_peak_rss_4GiB_bytes")
+    if isinstance(peak, int):
+        print(f"cwbuild peak RSS (process tree) encrypting 4 GiB: {peak / MiB:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
