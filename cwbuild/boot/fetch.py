@@ -107,6 +107,9 @@ def fetch(opts: FetchOptions) -> Kit:
     """Fetch, verify and install a kit; returns it (an identical kit already cached is reused)."""
     started = time.monotonic()
     plan = _plan(opts)
+    count = 1 + len(plan.firmware) + len(plan.userland)
+    size = plan.kernel.size + sum(p.size for p in (*plan.firmware.values(), *plan.userland))
+    log.info("fetching %d packages (%.1f MB), kernel %s", count, size / 1e6, plan.kernel.version)
     staging = staging_dir(opts.cache)
     try:
         staged = _Staged()
@@ -186,7 +189,7 @@ def _provenance(
 
 
 def _download(archive: debian.Archive, pkg: debian.Package) -> list[Member]:
-    log.info("fetching %s %s (%d bytes)", pkg.name, pkg.version, pkg.size)
+    log.debug("fetching %s %s (%d bytes)", pkg.name, pkg.version, pkg.size)
     return list(data_members(debian.fetch_deb(archive, pkg)))
 
 

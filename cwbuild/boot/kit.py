@@ -268,10 +268,12 @@ def install(staging: Path, cache: Path, manifest: Mapping[str, Any], provenance:
     target = kits_dir(cache) / kid
     staged = Kit(kid, staging, manifest)
     verify_files(staged)
-    if target.is_dir():
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not target.is_dir():  # anything but "an identical kit is already there" (same id, same bytes)
+            raise
         shutil.rmtree(staging)
-    else:
-        os.replace(staging, target)
     return open_kit(target)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ def fetch_command(
     release: str, cache: Path | None, archive: str, keyring: Path, allow_expired: bool, as_json: bool
 ) -> None:
     """Fetch and verify a kit from pinned Debian packages."""
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is --debug material
     opts = FetchOptions(
         cache=kits.cache_root(cache),
         release=release,
