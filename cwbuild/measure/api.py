@@ -149,8 +149,9 @@ class MeasureResult:
 
     def cli_json(self, tee: Tee) -> dict[str, Any]:
         """`measure --json` for one TEE: {"tee", "measurement"} or the TDX registers, plus inputs."""
-        r = self.get(tee)
-        return {"tee": tee.value, **r.values, "inputs": self.inputs, "assumptions": r.assumptions}
+        doc = self.get(tee).to_json()
+        del doc["firmware_sha256"]  # also in inputs.firmware
+        return {"tee": tee.value, **doc, "inputs": self.inputs}
 
 
 def _hex(b: bytes | None) -> str | None:

@@ -77,6 +77,7 @@ def test_ovmf_hash_only() -> None:
 def test_tdx_without_kernel() -> None:
     doc = _json(["--tee", "tdx", "--firmware", TDVF])
     assert doc["rtmr0"] is doc["rtmr1"] is doc["rtmr2"] is None
+    assert doc["hardware_validated"] is False
     assert str(doc["mrtd"]).startswith("a7a1f751")
     proc = cwbuild(["measure", "--tee", "tdx", "--firmware", TDVF])
     assert "rtmr1: not predicted" in proc.stdout.decode()
