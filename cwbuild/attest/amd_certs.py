@@ -137,10 +137,10 @@ def find_leaf(certs: Sequence[x509.Certificate], kind: KeyKind) -> x509.Certific
     return None
 
 
-def load_all(blobs: Sequence[bytes]) -> list[x509.Certificate]:
+def load_all(blobs: Sequence[bytes], trust: TrustStore | None = None) -> list[x509.Certificate]:
     out: list[x509.Certificate] = []
     for blob in blobs:
-        out.extend(load_certs(blob))
+        out.extend(trust.certs(blob) if trust is not None else load_certs(blob))
     return out
 
 

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cwbuild.attest.intel_certs import TCB_SIGNING_CN, PckInfo, verify_intel_chain
 from cwbuild.attest.tdx_quote import QeReport, TdBody
 from cwbuild.attest.tdx_tcb import match_platform, match_qe
-from cwbuild.attest.trust import TrustStore, cn, load_certs
+from cwbuild.attest.trust import TrustStore, cn, der_digest
 from cwbuild.attest.verdict import Findings
 from cwbuild.errors import FormatError
 
@@ -178,7 +178,7 @@ def _verify_signed_json(
     P-256 over the exact body bytes (§3.7)."""
     body, signature, chain_pem = signed
     try:
-        chain = load_certs(chain_pem)
+        chain = trust.certs(chain_pem)
     except FormatError as exc:
         f.fail("tdx.collateral_malformed", f"{what} issuer chain: {exc.message}")
         return None
@@ -193,23 +193,36 @@ def _verify_signed_json(
         return None
     for failure in sub.failures:  # expiry of the signing certificate
         f.fail(failure.id, f"{what} issuer chain: {failure.detail}")
-    key = chain[0].public_key()
-    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    try:
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise InvalidSignature
-        key.verify(encode_dss_signature(r, s), body, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
+    signer = chain[0]
+    key_id = der_digest(signer) + signature
+    if not trust.memo("collateral-sig", key_id + body, lambda: _signature_ok(signer, signature, body)):
         f.fail("tdx.collateral_signature_invalid", f"{what} signature does not verify")
         return None
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict):
+    parsed = trust.memo("collateral-json", body, lambda: _json_object(body))  # shared: read-only from here
+    if parsed is None:
         f.fail("tdx.collateral_malformed", f"{what} is not a JSON object")
         return None
     return parsed
+
+
+def _signature_ok(signer: x509.Certificate, signature: bytes, body: bytes) -> bool:
+    key = signer.public_key()
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return False
+    try:
+        key.verify(encode_dss_signature(r, s), body, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _check_dates(obj: dict[str, Any], what: str, now: datetime, f: Findings) -> None:
@@ -219,6 +232,37 @@ def _check_dates(obj: dict[str, Any], what: str, now: datetime, f: Findings) -> 
             "tdx.collateral_expired",
             f"{what} is valid {obj['issueDate']}..{obj['nextUpdate']}, not at {now:%FT%TZ}",
         )
+
+
+@dataclass(frozen=True)
+class _CrlView:
+    """What a CRL says once its signature is checked: validity window and revoked serials (or a failure)."""
+
+    failure: tuple[str, str] | None
+    last_update: datetime | None = None
+    next_update: datetime | None = None
+    revoked: frozenset[int] = frozenset()
+
+
+def _read_crl(blob: bytes, issuer: x509.Certificate) -> _CrlView:
+    """Parse `blob`, check it is issued and signed (ECDSA P-256/SHA-256) by `issuer`."""
+    name = cn(issuer.subject)
+    try:
+        crl = x509.load_der_x509_crl(blob)
+        key = issuer.public_key()
+        if crl.issuer != issuer.subject or not isinstance(key, ec.EllipticCurvePublicKey):
+            return _CrlView(("tdx.collateral_signature_invalid", f"the CRL is not issued by {name!r}"))
+        key.verify(crl.signature, crl.tbs_certlist_bytes, ec.ECDSA(hashes.SHA256()))
+        revoked = frozenset(entry.serial_number for entry in crl)
+        return _CrlView(None, crl.last_update_utc, crl.next_update_utc, revoked)
+    except InvalidSignature:
+        return _CrlView(("tdx.collateral_signature_invalid", f"the CRL of {name!r} does not verify"))
+    except (ValueError, UnsupportedAlgorithm):
+        return _CrlView(("tdx.collateral_malformed", f"the CRL of {name!r} is not a valid DER CRL"))
+
+
+def _crl_view(trust: TrustStore, blob: bytes, issuer: x509.Certificate) -> _CrlView:
+    return trust.memo("crl", blob + der_digest(issuer), lambda: _read_crl(blob, issuer))
 
 
 def check_crls(
@@ -231,7 +275,8 @@ def check_crls(
     f: Findings,
 ) -> None:
     """§3.6 step 7: the root CRL (signed by the root) must not list the intermediate; the PCK CRL (signed by
-    the intermediate) must not list the PCK. Each CRL must be current at `now`."""
+    the intermediate) must not list the PCK. Each CRL must be current at `now`. Parsing and signature
+    checks are memoized in the trust store per (CRL, issuer)."""
     pairs = (
         (collateral.root_ca_crl, trust.intel_root, intermediate),
         (collateral.pck_crl, intermediate, pck),
@@ -239,26 +284,18 @@ def check_crls(
     for blob, issuer, subject in pairs:
         if blob is None or issuer is None:
             continue
-        try:
-            crl = x509.load_der_x509_crl(blob)
-        except ValueError:
-            f.fail("tdx.collateral_malformed", "a CRL is not DER")
+        view = _crl_view(trust, blob, issuer)
+        if view.failure is not None:
+            f.fail(*view.failure)
             continue
-        key = issuer.public_key()
-        if crl.issuer != issuer.subject or not isinstance(key, ec.EllipticCurvePublicKey):
-            f.fail("tdx.collateral_signature_invalid", f"the CRL is not issued by {cn(issuer.subject)!r}")
-            continue
-        try:
-            key.verify(crl.signature, crl.tbs_certlist_bytes, ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            f.fail("tdx.collateral_signature_invalid", f"the CRL of {cn(issuer.subject)!r} does not verify")
-            continue
-        nxt = crl.next_update_utc
-        if not crl.last_update_utc <= now or (nxt is not None and now > nxt):
-            f.fail(
-                "tdx.collateral_expired", f"the CRL of {cn(issuer.subject)!r} is not current at {now:%FT%TZ}"
-            )
-        if crl.get_revoked_certificate_by_serial_number(subject.serial_number) is not None:
+        name = cn(issuer.subject)
+        if (
+            view.last_update is None
+            or now < view.last_update
+            or (view.next_update is not None and now > view.next_update)
+        ):
+            f.fail("tdx.collateral_expired", f"the CRL of {name!r} is not current at {now:%FT%TZ}")
+        if subject.serial_number in view.revoked:
             f.fail(
                 "tdx.cert_revoked", f"{cn(subject.subject)!r} serial {subject.serial_number:#x} is revoked"
             )

@@ -98,14 +98,14 @@ def _authenticate(
     kind = KeyKind.VCEK if report.signing_key == layout.SIGNING_KEY_VCEK else KeyKind.VLEK
     f.claims["signer"] = kind.value
     try:
-        supplied = load_all(blobs)
+        supplied = load_all(blobs, trust)
         cert = find_leaf(supplied, kind)
         if cert is None:
             other = find_leaf(supplied, KeyKind.VLEK if kind is KeyKind.VCEK else KeyKind.VCEK)
             failure = "snp.cert_kind_mismatch" if other is not None else "snp.cert_missing"
             f.fail(failure, f"the report is signed by a {kind.value.upper()}; none was supplied")
             return report.cpuid_product
-        leaf = parse_leaf(cert)
+        leaf = trust.derived("amd-leaf", cert, lambda: parse_leaf(cert))
         key = leaf.public_key
     except FormatError as exc:
         f.fail("snp.cert_malformed", exc.message)

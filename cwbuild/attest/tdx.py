@@ -108,8 +108,10 @@ def _check_pck(
 ) -> tuple[list[x509.Certificate] | None, PckInfo | None]:
     """§3.6 steps 2, 3 and 5: the PCK chain, and the QE report signed by the PCK key."""
     try:
-        chain = split_pem_chain(q.pck_chain_pem)
-        pck = parse_pck_extension(chain[0]) if chain else None
+        chain = list(
+            trust.memo("pck-chain", q.pck_chain_pem, lambda: tuple(split_pem_chain(q.pck_chain_pem)))
+        )
+        pck = trust.derived("pck-ext", chain[0], lambda: parse_pck_extension(chain[0])) if chain else None
     except FormatError as exc:
         f.fail("tdx.cert_malformed", f"PCK chain: {exc.message}")
         return None, None

@@ -9,12 +9,14 @@ verified, so checking the same VCEK or PCK twice does not redo RSA-PSS or ECDSA.
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -29,6 +31,7 @@ from cwbuild.resources import data_root
 _MAX_CERT_BYTES = 64 * 1024  # one certificate; AMD's are ~1.4 KiB, bundles ~5 KiB
 _MAX_CERTS = 16
 _CACHE_SIZE = 4096
+_T = TypeVar("_T")
 
 #: spec §1.7/§1.8: every AMD certificate is RSASSA-PSS, SHA-384, MGF1-SHA-384, salt 48.
 AMD_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
@@ -126,26 +129,24 @@ def _verify_intel(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-class SignatureCache:
-    """A bounded, thread-safe memo of `signed_by` results keyed by (cert DER hash, issuer DER hash)."""
+class Memo:
+    """A bounded, thread-safe LRU memo. Keys are digests of the exact input bytes, so equal keys mean equal
+    inputs; failures (exceptions) are never stored. Size 4096 entries of at most a parsed chain each."""
 
     def __init__(self, size: int = _CACHE_SIZE) -> None:
         self._size = size
-        self._memo: OrderedDict[tuple[bytes, bytes, str], bool] = OrderedDict()
+        self._memo: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def check(
-        self,
-        key: tuple[bytes, bytes, str],
-        compute: Callable[[], bool],
-    ) -> bool:
+    def get(self, key: Hashable, compute: Callable[[], _T]) -> _T:
         with self._lock:
             if key in self._memo:
                 self._memo.move_to_end(key)
                 self.hits += 1
-                return self._memo[key]
+                found: _T = self._memo[key]
+                return found
         result = compute()
         with self._lock:
             self.misses += 1
@@ -153,6 +154,16 @@ class SignatureCache:
             if len(self._memo) > self._size:
                 self._memo.popitem(last=False)
         return result
+
+
+def digest(data: bytes) -> bytes:
+    """The memo key of some input bytes: SHA-256, so entries stay small whatever the input size."""
+    return hashlib.sha256(data).digest()
+
+
+def der_digest(cert: x509.Certificate) -> bytes:
+    """The memo key of a certificate: SHA-256 of its exact DER."""
+    return digest(cert.public_bytes(serialization.Encoding.DER))
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,7 @@ class TrustStore:
 
     amd: dict[Product, AmdRoots]
     intel_root: x509.Certificate | None
-    cache: SignatureCache = field(default_factory=SignatureCache, compare=False)
+    cache: Memo = field(default_factory=Memo, compare=False)
 
     @classmethod
     def default(cls) -> TrustStore:
@@ -192,14 +203,28 @@ class TrustStore:
         return cls(amd=roots, intel_root=intel)
 
     def amd_signed_by(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-        """RSA-PSS SHA-384 salt 48 signature of `cert` by `issuer`'s key (spec §1.8), cached."""
-        key = (fingerprint(cert), fingerprint(issuer), "amd")
-        return self.cache.check(key, lambda: _verify_amd(cert, issuer))
+        """RSA-PSS SHA-384 salt 48 signature of `cert` by `issuer`'s key (spec §1.8), cached per pair."""
+        return self.cache.get(
+            ("amd", der_digest(cert), der_digest(issuer)), lambda: _verify_amd(cert, issuer)
+        )
 
     def intel_signed_by(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-        """ECDSA P-256 SHA-256 signature of `cert` by `issuer`'s key (spec §3.6 step 3), cached."""
-        key = (fingerprint(cert), fingerprint(issuer), "intel")
-        return self.cache.check(key, lambda: _verify_intel(cert, issuer))
+        """ECDSA P-256 SHA-256 signature of `cert` by `issuer`'s key (spec §3.6 step 3), cached per pair."""
+        return self.cache.get(
+            ("intel", der_digest(cert), der_digest(issuer)), lambda: _verify_intel(cert, issuer)
+        )
+
+    def certs(self, blob: bytes) -> list[x509.Certificate]:
+        """`load_certs(blob)`, memoized on the exact bytes (a VCEK or chain seen before is not re-parsed)."""
+        return list(self.cache.get(("certs", digest(blob)), lambda: tuple(load_certs(blob))))
+
+    def derived(self, kind: str, cert: x509.Certificate, compute: Callable[[], _T]) -> _T:
+        """`compute()` (a pure function of `cert`, e.g. its decoded extensions), memoized per certificate."""
+        return self.cache.get((kind, der_digest(cert)), compute)
+
+    def memo(self, kind: str, data: bytes, compute: Callable[[], _T]) -> _T:
+        """`compute()` (a pure function of `data`), memoized on the digest of `data`."""
+        return self.cache.get((kind, digest(data)), compute)
 
     def products(self) -> Iterable[Product]:
         return self.amd.keys()
