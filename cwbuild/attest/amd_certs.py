@@ -106,6 +106,8 @@ def parse_leaf(cert: x509.Certificate) -> AmdLeaf:
     kind = {"SEV-VCEK": KeyKind.VCEK, "SEV-VLEK": KeyKind.VLEK}.get(subject)
     if kind is None:
         raise FormatError(f"certificate subject CN {subject!r} is not SEV-VCEK or SEV-VLEK")
+    if not is_amd_name(cert.subject) or not is_amd_name(cert.issuer):
+        raise FormatError(f"{kind.value.upper()} subject or issuer is not an AMD name (O={AMD_ORG})")
     product = _issuer_product(cn(cert.issuer), kind)
     exts = _amd_extensions(cert)
     try:

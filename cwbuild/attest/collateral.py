@@ -250,8 +250,10 @@ def _read_crl(blob: bytes, issuer: x509.Certificate) -> _CrlView:
     try:
         crl = x509.load_der_x509_crl(blob)
         key = issuer.public_key()
-        if crl.issuer != issuer.subject or not isinstance(key, ec.EllipticCurvePublicKey):
-            return _CrlView(("tdx.collateral_signature_invalid", f"the CRL is not issued by {name!r}"))
+        if crl.issuer != issuer.subject:  # e.g. a Processor CA CRL for a Platform CA PCK
+            return _CrlView(("tdx.collateral_mismatch", f"the CRL is not issued by {name!r}"))
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return _CrlView(("tdx.collateral_signature_invalid", f"{name!r} has no ECDSA key"))
         key.verify(crl.signature, crl.tbs_certlist_bytes, ec.ECDSA(hashes.SHA256()))
         revoked = frozenset(entry.serial_number for entry in crl)
         return _CrlView(None, crl.last_update_utc, crl.next_update_utc, revoked)

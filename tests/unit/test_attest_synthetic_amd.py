@@ -227,3 +227,21 @@ def test_policy_bits(pki: AmdPki) -> None:
     }
     lenient = Policy(migrate_ma=True, abi_minimum=(1, 50))
     assert verify_snp(report, certs=[vcek], trust=pki.trust(), policy=lenient, now=NOW).ok
+
+
+def test_non_amd_names(pki: AmdPki) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    other = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Not AMD"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "SEV-VCEK"),
+        ]
+    )
+    exts = vcek_extensions(Product.MILAN, TCB, hwid=HWID)
+    cert = amd_cert(other, amd_name("SEV-Milan"), pki.leaf_key.public_key(), pki.ask_key, extensions=exts)
+    report = snp_report(pki.leaf_key, Product.MILAN, TCB)
+    assert ids(verify_snp(report, certs=[der(cert)], trust=pki.trust(), policy=None, now=NOW)) == {
+        "snp.cert_malformed"
+    }

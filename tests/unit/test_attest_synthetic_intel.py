@@ -143,3 +143,15 @@ def test_debug_policy(pki: IntelPki) -> None:
     assert ids(check(pki, quote, None, Policy(debug=True, sept_ve_disable=True))) == {
         "tdx.sept_ve_disable_required"
     }
+
+
+def test_crl_of_another_ca(pki: IntelPki) -> None:
+    """A PCK CRL issued by a CA other than the PCK's issuer is a collateral mismatch, not a pass."""
+    import json
+
+    bundle = json.loads(pki.collateral())
+    bundle["pck_crl"] = bundle["root_ca_crl"]
+    v = check(pki, pki.quote(), json.dumps(bundle).encode())
+    assert ids(v) == {"tdx.collateral_mismatch"}
+    bundle["pck_crl"] = "3000"
+    assert ids(check(pki, pki.quote(), json.dumps(bundle).encode())) == {"tdx.collateral_malformed"}
