@@ -73,7 +73,8 @@ def _private_output(out: Path) -> Iterator[tuple[Path, int]]:
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         yield tmp, fd
-        os.fsync(fd)
+        # No fsync: like cryptsetup, luksy and cp, durability is left to the caller (a 1 GiB fsync costs
+        # seconds on a slow disk); the rename still keeps a half-written file from ever appearing as OUT.
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
