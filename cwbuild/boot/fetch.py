@@ -21,7 +21,16 @@ from typing import Any
 
 from cwbuild.boot import debian, elf
 from cwbuild.boot.deb import Kind, Member, data_members
-from cwbuild.boot.kit import KIT_FORMAT, TEE_OPTIONS, TSM_OPTION, Kit, install, staging_dir, write_file
+from cwbuild.boot.kit import (
+    KIT_FORMAT,
+    TEE_OPTIONS,
+    TSM_OPTION,
+    Kit,
+    install,
+    latest,
+    staging_dir,
+    write_file,
+)
 from cwbuild.errors import KitError
 
 log = logging.getLogger("cwbuild.kit")
@@ -344,3 +353,17 @@ def _stage_userland(
         if copyright_path is not None and f"licenses/{name}/copyright" not in staged.files:
             rel = f"licenses/{name}/copyright"
             staged.files[rel] = write_file(staging, rel, tree.members[copyright_path].data)
+
+
+def ensure_kit(opts: FetchOptions, *, offline: bool) -> Kit:
+    """The newest cached kit of `opts.release`, fetched first when there is none (DESIGN.md: `build`
+    fetches the default kit when none is cached; `--offline` turns that into an error)."""
+    cached = latest(opts.cache, opts.release)
+    if cached is not None:
+        return cached
+    if offline:
+        raise KitError(
+            f"no {opts.release} kit in {opts.cache} and --offline forbids fetching one",
+            hint="run cwbuild kit fetch (or kit import FILE) first",
+        )
+    return fetch(opts)

@@ -143,7 +143,7 @@ def test_initrd_boots_kit_kernel_under_tcg(kit: Kit, tmp_path: Path) -> None:
     versions = {p["name"]: p["version"] for p in kit.manifest["packages"]}
 
     def upstream(pkg: str) -> str:
-        return versions[pkg].split(":", 1)[-1].rsplit("-", 1)[0]
+        return str(versions[pkg]).split(":", 1)[-1].rsplit("-", 1)[0]
 
     assert f"BusyBox v{upstream('busybox-static')}" in out
     assert f"cryptsetup: cryptsetup {upstream('cryptsetup-bin')}" in out

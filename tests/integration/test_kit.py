@@ -12,12 +12,13 @@ import re
 import subprocess
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from cwbuild.boot import deb, debian, elf
+from cwbuild.boot.fetch import FetchOptions, ensure_kit
 from cwbuild.boot.kit import FILES, MANIFEST, Kit, kits_dir, verify_files
 from cwbuild.boot.modules import DEFAULT_MODULES, ModuleTree
 from cwbuild.errors import KitError
@@ -25,6 +26,7 @@ from tests.conftest import cwbuild
 from tests.kits import Sample, archive_sample, cached_kit
 
 pytestmark = pytest.mark.integration
+Index = tuple[debian.Release, bytes, Mapping[str, debian.Package]]
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,7 @@ def sample() -> Sample:
 
 
 @pytest.fixture(scope="session")
-def index(sample: Sample) -> tuple[debian.Release, bytes, dict[str, debian.Package]]:
+def index(sample: Sample) -> Index:
     """The sample's verified release, Packages text and packages (the whole apt chain, once)."""
     signed = debian.verify_inrelease(sample.inrelease.read_bytes(), keyring=debian.DEFAULT_KEYRING)
     release = debian.parse_release(signed)
@@ -49,9 +51,7 @@ def index(sample: Sample) -> tuple[debian.Release, bytes, dict[str, debian.Packa
 # --- the signature chain -------------------------------------------------------------------------------
 
 
-def test_chain_accepts_the_real_files(
-    sample: Sample, index: tuple[debian.Release, bytes, dict[str, debian.Package]]
-) -> None:
+def test_chain_accepts_the_real_files(sample: Sample, index: Index) -> None:
     debian.verify_deb(index[2]["libkeyutils1"], sample.deb.read_bytes())
 
 
@@ -88,7 +88,7 @@ def test_inrelease_signed_by_unknown_key_refused(sample: Sample) -> None:
         debian.verify_inrelease(sample.inrelease.read_bytes(), keyring=other)
 
 
-def test_tampered_packages_refused(index: tuple[debian.Release, bytes, dict[str, debian.Package]]) -> None:
+def test_tampered_packages_refused(index: Index) -> None:
     release, text, packages = index
     pkg = packages["libkeyutils1"]
     forged = text.replace(pkg.sha256.encode(), hashlib.sha256(b"evil").hexdigest().encode())
@@ -98,9 +98,7 @@ def test_tampered_packages_refused(index: tuple[debian.Release, bytes, dict[str,
         debian.verify_index(release, "Packages", forged)
 
 
-def test_tampered_deb_refused(
-    sample: Sample, index: tuple[debian.Release, bytes, dict[str, debian.Package]]
-) -> None:
+def test_tampered_deb_refused(sample: Sample, index: Index) -> None:
     pkg = index[2]["libkeyutils1"]
     blob = bytearray(sample.deb.read_bytes())
     blob[-100] ^= 0x01
@@ -292,3 +290,19 @@ def test_fetch_from_tampered_mirror_fails_and_leaves_nothing(
     assert proc.returncode == 1
     assert expected in proc.stderr, proc.stderr.decode()
     assert not kits_dir(cache).exists() or not list(kits_dir(cache).iterdir())
+
+
+def test_ensure_kit_uses_the_cache_and_honours_offline(kit: Kit, tmp_path: Path) -> None:
+    assert ensure_kit(FetchOptions(cache=kit.store, release=kit.release), offline=True).id == kit.id
+    with pytest.raises(KitError, match="--offline"):
+        ensure_kit(FetchOptions(cache=tmp_path / "empty"), offline=True)
+
+
+def test_export_without_kits_is_a_clear_error(tmp_path: Path) -> None:
+    proc = cwbuild(["kit", "export", "--cache", tmp_path, tmp_path / "x.tar"])
+    assert proc.returncode == 1
+    assert b"no kit in" in proc.stderr
+    assert not (tmp_path / "x.tar").exists()
+    listed = cwbuild(["kit", "list", "--cache", tmp_path, "--json"])
+    assert listed.returncode == 0
+    assert json.loads(listed.stdout) == []
