@@ -124,6 +124,11 @@ def _bind(report: SnpReport, leaf: AmdLeaf, f: Findings) -> None:
     cpuid = report.cpuid_product
     if cpuid is not None and cpuid is not leaf.product:
         f.fail("snp.product_mismatch", f"CPUID says {cpuid.value}, the certificate {leaf.product.value}")
+    # productName is "Milan-B0", "Genoa", "Turin" (§1.7): its product part must name the issuer's product.
+    # Its stepping is only reported: KDS names a stepping per product line, not per part.
+    named = leaf.product_name.partition("-")[0]
+    if named and named != leaf.product.value:
+        f.fail("snp.product_mismatch", f"productName {leaf.product_name!r} under issuer {leaf.product.value}")
     tcbs = report.tcbs(leaf.product)
     if tcbs["reported"] != leaf.tcb:
         detail = f"REPORTED_TCB {tcbs['reported'].to_dict()} != cert {leaf.tcb.to_dict()}"

@@ -245,3 +245,17 @@ def test_non_amd_names(pki: AmdPki) -> None:
     assert ids(verify_snp(report, certs=[der(cert)], trust=pki.trust(), policy=None, now=NOW)) == {
         "snp.cert_malformed"
     }
+
+
+def test_product_name_must_match_issuer(pki: AmdPki) -> None:
+    exts = tuple(
+        (oid, b"\x16\x05Genoa" if oid.endswith(".1.2") else value)
+        for oid, value in vcek_extensions(Product.MILAN, TCB, hwid=HWID)
+    )
+    cert = amd_cert(
+        amd_name("SEV-VCEK"), amd_name("SEV-Milan"), pki.leaf_key.public_key(), pki.ask_key, extensions=exts
+    )
+    report = snp_report(pki.leaf_key, Product.MILAN, TCB)
+    assert ids(verify_snp(report, certs=[der(cert)], trust=pki.trust(), policy=None, now=NOW)) == {
+        "snp.product_mismatch"
+    }
