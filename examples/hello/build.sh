@@ -13,5 +13,5 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/Containerfile" "$here/hello.sh" "$here/motd" "$here/scratch.txt" "$ctx/"
 cp "$busybox" "$ctx/busybox"
-podman build --quiet --isolation chroot --pull=never -t "$tag" "$ctx" >/dev/null
+podman build --quiet --isolation chroot --pull=never -f "$ctx/Containerfile" -t "$tag" "$ctx" >/dev/null
 echo "$tag"

@@ -59,6 +59,16 @@ class Podman:
         return dest
 
 
+def remove_store(podman: Podman) -> None:
+    """Empty and delete a test store. Not `podman system reset`: that also deletes the host's networks."""
+    podman("rm", "--all", "--force", check=False)
+    podman("rmi", "--all", "--force", check=False)
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(f"{podman.root}/")), reverse=True):
+        subprocess.run(["umount", mount], check=False, capture_output=True)  # overlay's private home mount
+    shutil.rmtree(podman.root / "graph", ignore_errors=True)
+
+
 def _answers(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX) as sock:
         try:
@@ -93,13 +103,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     finally:
         service.terminate()
         service.wait(30)
-        subprocess.run(
-            ["podman", "system", "reset", "--force"],
-            env={**os.environ, **env},
-            capture_output=True,
-            check=False,
-            timeout=300,
-        )
+        remove_store(Podman(root, env))
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +111,7 @@ def hello_image(podman: Podman) -> str:
     """examples/hello built into the test store."""
     proc = subprocess.run(
         ["bash", str(REPO / "examples/hello/build.sh")],
-        env={**os.environ, **podman.env},
+        env={**os.environ, "CONTAINERS_STORAGE_CONF": podman.env["CONTAINERS_STORAGE_CONF"]},  # a local build
         capture_output=True,
         text=True,
         check=False,
