@@ -185,3 +185,22 @@ def test_cryptsetup_headers_unlock_to_the_same_volume_key(opts: list[str], tmp_p
     assert unlock(img, header, PASS) == expected
     with pytest.raises(Exception, match="no keyslot"):
         unlock(img, header, b"not it")
+
+
+def test_cryptsetup_verifies_both_luks2_header_checksums(
+    plaintext: Path, passfile: Path, tmp_path: Path
+) -> None:
+    img = tmp_path / "disk.img"
+    proc = cwbuild(["disk", "encrypt", plaintext, img, "--passphrase-file", passfile, "--kdf", "pbkdf2"])
+    assert proc.returncode == 0, proc.stderr.decode()
+    dump = _cs("luksDump", "--debug", img)
+    assert dump.returncode == 0, dump.stderr
+    pairs = re.findall(
+        r"Checksum:([0-9a-f]{64}) \(on-disk\)\n# Checksum:([0-9a-f]{64}) \(in-memory\)", dump.stdout.decode()
+    )
+    assert len(pairs) == 2, dump.stdout.decode()[:2000]  # primary and secondary header both read
+    assert all(on_disk == computed for on_disk, computed in pairs)
+    raw = bytearray(img.read_bytes())
+    raw[5000] ^= 0xFF  # break the primary's JSON: cryptsetup must fall back to our secondary copy
+    img.write_bytes(bytes(raw))
+    assert _cs("open", "--test-passphrase", "--key-file=-", img, input=PASS).returncode == 0
