@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 
 from cwbuild.attest import snp_report as layout
 from cwbuild.attest.policy import Policy
@@ -196,3 +197,24 @@ def test_cpuid_products() -> None:
     assert Product.from_cpuid(0x19, 0xA0) is Product.GENOA
     assert Product.from_cpuid(0x1A, 0x02) is Product.TURIN
     assert Product.from_cpuid(0x19, 0x30) is None
+
+
+@pytest.mark.parametrize(("report", "cert", "now", "policy_failures"), CASES)
+def test_chain_agrees_with_cryptography(
+    report: str, cert: str, now: datetime, policy_failures: set[str]
+) -> None:
+    """Oracle: cryptography's `verify_directly_issued_by` (it handles these PSS parameters, spec §1.7 [OBS])
+    accepts each link of the chain cwbuild accepts, and rejects the tampered VCEK cwbuild rejects."""
+    from cwbuild.attest.amd_certs import parse_leaf
+    from cwbuild.attest.trust import TrustStore, load_certs
+
+    leaf = parse_leaf(load_certs(read(cert))[0])
+    assert leaf.product is not None
+    roots = TrustStore.default().amd[leaf.product]
+    issuer = roots.ask if leaf.kind.value == "vcek" else roots.asvk
+    leaf.cert.verify_directly_issued_by(issuer)
+    issuer.verify_directly_issued_by(roots.ark)
+    roots.ark.verify_directly_issued_by(roots.ark)
+    tampered = load_certs(read("trustee_vcek_tampered_hwid_raw.der"))[0]
+    with pytest.raises(InvalidSignature):
+        tampered.verify_directly_issued_by(TrustStore.default().amd[Product.MILAN].ask)

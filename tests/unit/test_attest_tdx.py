@@ -157,3 +157,34 @@ def test_collateral_bundle_errors() -> None:
     )
     v = verify_tdx(read("phala_v4_quote.bin"), collateral=tampered, policy=None, now=T_PHALA)
     assert v.failure_ids() == ("tdx.collateral_signature_invalid",)
+
+
+@pytest.mark.parametrize(
+    ("quote", "now"),
+    [
+        ("gotdx_v4_quote_spr_e4.dat", T_GOTDX),
+        ("trustee_v4_quote_debugtd.dat", T_GOTDX),
+        ("phala_v4_quote.bin", T_PHALA),
+    ],
+)
+def test_pck_chain_agrees_with_cryptography_verifier(quote: str, now: datetime) -> None:
+    """Oracle: cryptography's own X.509 path validation (spec §3.6 step 3 [OBS]) accepts these PCK chains."""
+    from cryptography import x509
+    from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store
+
+    from cwbuild.attest.intel_certs import split_pem_chain
+    from cwbuild.attest.trust import TrustStore
+
+    pck, intermediate, root = split_pem_chain(TdxQuote.parse(read(quote)).pck_chain_pem)
+    assert root == TrustStore.default().intel_root
+    ca_policy = ExtensionPolicy.permit_all().require_present(
+        x509.BasicConstraints, Criticality.AGNOSTIC, None
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store([root]))
+        .time(now)
+        .extension_policies(ca_policy=ca_policy, ee_policy=ExtensionPolicy.permit_all())
+        .build_client_verifier()
+    )
+    verifier.verify(pck, [intermediate])
