@@ -125,8 +125,8 @@ Entry = tuple[object, ...]
 
 
 def full_tree_dir(root: Path) -> tuple[dict[str, Entry], set[frozenset[str]]]:
-    """path -> (type, mode, uid, gid, size, content, link target, mtime for non-directories), and the hardlink
-    groups of regular files."""
+    """path -> (type, mode, uid, gid, size, content, link target, mtime for non-directories, user.* xattrs),
+    and the hardlink groups of regular files. (`podman export` writes user.* xattrs only.)"""
     tree: dict[str, Entry] = {}
     inodes: dict[int, set[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -139,7 +139,22 @@ def full_tree_dir(root: Path) -> tuple[dict[str, Entry], set[frozenset[str]]]:
             link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
             mtime = None if stat.S_ISDIR(st.st_mode) else int(st.st_mtime)
             size = len(content)
-            tree[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, content, link, mtime)
+            xattrs = {
+                k: os.getxattr(path, k, follow_symlinks=False).decode()
+                for k in os.listxattr(path, follow_symlinks=False)
+                if k.startswith("user.")
+            }
+            tree[rel] = (
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                size,
+                content,
+                link,
+                mtime,
+                xattrs,
+            )
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 inodes.setdefault(st.st_ino, set()).add(rel)
     return tree, {frozenset(g) for g in inodes.values()}
@@ -175,6 +190,7 @@ def full_tree_tar(path: Path) -> tuple[dict[str, Entry], set[frozenset[str]], li
                 content,
                 base.linkname if base.issym() else "",
                 mtime,
+                {k[13:]: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.user.")},
             )
             if m.islnk() and base.isreg():
                 groups.setdefault(m.linkname, {m.linkname}).add(name)

@@ -23,11 +23,11 @@ _BIG = random.Random(7).randbytes(300_000)
 LAYERED = [
     [
         E("etc", kind="dir", mtime=1_600_000_000),
-        E("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n", mtime=1_600_000_001),
+        E("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n", mtime=1_600_000_001, xattrs={"user.kind": "db"}),
         E("usr/bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o755),
         E("usr/bin/suid", data=b"s", mode=0o4755),
         E("usr/bin/sgid", data=b"g", mode=0o2711, gid=42),
-        E("home/user", kind="dir", uid=1000, gid=1000, mode=0o700),
+        E("home/user", kind="dir", uid=1000, gid=1000, mode=0o700, xattrs={"user.quota": "10G"}),
         E("home/user/.profile", data=b"old", uid=1000, gid=1000, mode=0o600),
         E("opt/old/a", data=b"a"),
         E("opt/old/sub/b", data=b"b"),
@@ -46,7 +46,7 @@ LAYERED = [
     ],
     [
         E("opt/old/.wh..wh..opq"),
-        E("opt/old/c", data=b"c"),
+        E("opt/old/c", data=b"c", xattrs={"user.ü": "ß"}),
         E("var/lib/.wh.x"),
         E("etc/passwd", data=b"changed\n", mode=0o600, mtime=1_700_000_123),
         E("usr/bin/.wh.tool"),
