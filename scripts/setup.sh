@@ -15,7 +15,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils ovmf
   busybox-static cpio zstd xz-utils debootstrap kmod binutils
   openssl curl gnupg gpgv debian-archive-keyring
-  sbsigntool libxml2-utils gcc libc6-dev
+  sbsigntool osslsigncode libxml2-utils gcc libc6-dev
   python3-venv
 )
 missing=()
@@ -74,22 +74,6 @@ if ! ls "$ASSETS"/linux-image-*cloud*.deb >/dev/null 2>&1; then
   (cd "$ASSETS" && apt-get download "$kpkg")
 fi
 [ -d "$ASSETS/kernel" ] || dpkg -x "$ASSETS"/linux-image-*cloud*.deb "$ASSETS/kernel"
-# sev-snp-measure's test fixtures (edk2 AmdSev/OvmfX64 suffixes, COCONUT SVSM + OVMF; not in its PyPI sdist)
-# for the SEV known-answer tests (tests/golden/test_sev_known_answers.py), pinned by commit and sha256.
-F=$ASSETS/sev-snp-measure-fixtures
-SSM_RAW=https://raw.githubusercontent.com/virtee/sev-snp-measure/8f2b337e38bc83f87cd30f3253cdfe8e3e12cc3a/tests/fixtures
-mkdir -p "$F"
-while read -r sum name; do
-  if [ -f "$F/$name" ] && echo "$sum  $F/$name" | sha256sum -c --quiet - >/dev/null 2>&1; then continue; fi
-  curl -fsSL -o "$F/$name.tmp" "$SSM_RAW/$name"
-  echo "$sum  $F/$name.tmp" | sha256sum -c --quiet -
-  mv "$F/$name.tmp" "$F/$name"
-done <<'EOS'
-8f765dfabc127fc0a938a0744a3103ec15864d7d794eb4c398aa976b6d6ab16c ovmf_AmdSev_suffix.bin
-b4c021e085fb83ceffe6571a3d357b4a98773c83c474e47f76c876708fe316da ovmf_OvmfX64_suffix.bin
-287fcee67b501b072e4953b5006059d088b454e9197bc318885385acb233d5d1 svsm.bin
-50d1bf8676c7fb2ff6b8e50cf8fc0491534de27c12d6345a2dcefef51cbac97e svsm_ovmf.fd
-EOS
 
 # Python: a venv with the package (editable) and the dev extra.
 [ -x .venv/bin/python ] || python3 -m venv .venv
