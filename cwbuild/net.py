@@ -8,6 +8,7 @@ errors that name the URL (without its query string) but never a request body or 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -64,12 +65,13 @@ def _check_url(url: str) -> None:
         raise NetworkError(f"not an http(s) URL: {redact_url(url)!r}")
 
 
-def _verify(options: Options) -> bool | str:
+def _verify(options: Options) -> ssl.SSLContext:
     if options.ca_file is None:
-        return True
-    if not options.ca_file.is_file():
-        raise NetworkError(f"CA file {options.ca_file} does not exist")
-    return str(options.ca_file)
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(options.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise NetworkError(f"cannot use CA file {options.ca_file}: {exc}") from None
 
 
 def _read_bounded(resp: httpx.Response, max_bytes: int, url: str) -> bytes:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -48,6 +49,11 @@ class Server:
     config: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
+    ca: Path | None = None  # CA file for an https server
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
 
     @property
     def audit_path(self) -> Path:
@@ -90,7 +96,7 @@ class Server:
 
     def _healthy(self, url: str) -> bool:
         try:
-            return httpx.get(url + "/healthz", timeout=2).status_code == 200
+            return httpx.get(url + "/healthz", timeout=2, verify=self.verify).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -103,7 +109,8 @@ class Server:
         return {"Authorization": f"Bearer {self.token}"}
 
     def post(self, path: str, body: Any, *, admin: bool = False) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, headers=self.admin() if admin else {}, timeout=20)
+        headers = self.admin() if admin else {}
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=20, verify=self.verify)
 
     def logs(self) -> bytes:
         return self.stderr_path.read_bytes() + (
