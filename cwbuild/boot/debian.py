@@ -97,7 +97,12 @@ class Suite:
 
 
 def verify_inrelease(raw: bytes, *, keyring: Path) -> bytes:
-    """The signed text of an InRelease file, if `gpgv` finds a good signature by a key in `keyring`."""
+    """The signed text of an InRelease file, if `gpgv` finds a good signature by a key in `keyring`.
+
+    Judged like apt's gpgv method: any BADSIG fails; at least one GOODSIG whose VALIDSIG names a strong
+    digest is needed; a second signature by a key we do not hold (NO_PUBKEY, e.g. a newer archive key) is
+    ignored, as apt does.
+    """
     if not keyring.is_file():
         raise KitError(f"keyring {keyring} not found", hint="install debian-archive-keyring")
     with tempfile.TemporaryDirectory(prefix="cwbuild-gpgv-") as tmp:
@@ -109,13 +114,45 @@ def verify_inrelease(raw: bytes, *, keyring: Path) -> bytes:
             proc = run([*argv, "--output", str(out), str(signed)], check=False, timeout=60)
         except ToolError as exc:
             raise KitError(f"cannot run gpgv: {exc.message}") from exc
-        status = proc.stdout.decode("utf-8", "replace")
-        if proc.returncode != 0 or "[GNUPG:] VALIDSIG " not in status or not out.is_file():
+        problem = signature_problem(proc.stdout.decode("utf-8", "replace"))
+        if problem is not None or not out.is_file():
+            last = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
             raise KitError(
-                "InRelease signature verification failed",
-                hint=f"gpgv: {proc.stderr.decode('utf-8', 'replace').strip().splitlines()[-1:]}",
+                f"InRelease signature verification failed: {problem or 'no signed text'}",
+                hint=f"gpgv said: {last[0]}" if last else None,
             )
         return out.read_bytes()
+
+
+#: OpenPGP hash algorithm ids apt refuses as weak (RFC 4880 §9.4: 1 MD5, 2 SHA-1, 3 RIPEMD-160).
+WEAK_DIGESTS = frozenset({"1", "2", "3"})
+
+
+def signature_problem(status: str) -> str | None:
+    """Why gpgv's --status-fd output does not prove a good signature (None if it does).
+
+    Status lines per GnuPG's doc/DETAILS; each signature starts with NEWSIG. VALIDSIG's 8th field is the
+    hash algorithm. An ERRSIG is excused only by a NO_PUBKEY for the same key (a key we do not hold).
+    """
+    blocks: list[list[list[str]]] = []
+    for line in status.splitlines():
+        words = line.split()[1:] if line.startswith("[GNUPG:] ") else []
+        if not words:
+            continue
+        if words[0] == "NEWSIG" or not blocks:
+            blocks.append([])
+        blocks[-1].append(words)
+    good = 0
+    for block in blocks:
+        kinds = {w[0]: w for w in block}
+        if "BADSIG" in kinds:
+            return "bad signature"
+        if "ERRSIG" in kinds and "NO_PUBKEY" not in kinds:
+            return "signature could not be checked"
+        valid = kinds.get("VALIDSIG", [])
+        if "GOODSIG" in kinds and len(valid) >= 9 and valid[8] not in WEAK_DIGESTS:
+            good += 1
+    return None if good else "no good signature by a key in the keyring"
 
 
 def parse_release(text: bytes) -> Release:

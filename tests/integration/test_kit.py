@@ -88,6 +88,14 @@ def test_inrelease_signed_by_unknown_key_refused(sample: Sample) -> None:
         debian.verify_inrelease(sample.inrelease.read_bytes(), keyring=other)
 
 
+def test_one_good_signature_is_enough(sample: Sample) -> None:
+    # like apt: the stable release key alone verifies; the automatic keys' signatures are then NO_PUBKEY
+    only_release_key = Path("/usr/share/keyrings/debian-archive-trixie-stable.gpg")
+    assert debian.verify_inrelease(sample.inrelease.read_bytes(), keyring=only_release_key).startswith(
+        b"Origin:"
+    )
+
+
 def test_tampered_packages_refused(index: Index) -> None:
     release, text, packages = index
     pkg = packages["libkeyutils1"]

@@ -229,3 +229,42 @@ def test_manifest_with_escaping_path_refused() -> None:
     m["files"] = {"../evil": {"sha256": "00" * 32, "size": 1}}
     with pytest.raises(FormatError):
         parse_manifest(_canonical(m))
+
+
+# gpgv 2.2.40 --status-fd output for trixie's InRelease of 2026-11-21 (three signatures), captured here
+# (status lines are long by nature).
+_SIG_BOOKWORM = (
+    "[GNUPG:] NEWSIG\n"
+    "[GNUPG:] GOODSIG 6ED0E7B82643E131 Debian Archive Automatic Signing Key (12/bookworm) "
+    "<ftpmaster@debian.org>\n"
+    "[GNUPG:] VALIDSIG 4CB50190207B4758A3F73A796ED0E7B82643E131 2026-11-21 1795252580 0 4 0 1 8 01 "
+    "B8B80B5B623EAB6AD8775C45B7C5D7D6350947F8\n"
+)
+_SIG_UNKNOWN = (
+    "[GNUPG:] NEWSIG\n"
+    "[GNUPG:] ERRSIG 78DBA3BC47EF2265 1 8 01 1795252581 9 B8E5F13176D2A7A75220028078DBA3BC47EF2265\n"
+    "[GNUPG:] NO_PUBKEY 78DBA3BC47EF2265\n"
+)
+_SIG_RELEASE = (
+    "[GNUPG:] NEWSIG\n"
+    "[GNUPG:] KEY_CONSIDERED 41587F7DB8C774BCCF131416762F67A0B2C39DE4 0\n"
+    "[GNUPG:] GOODSIG 762F67A0B2C39DE4 Debian Stable Release Key (13/trixie) "
+    "<debian-release@lists.debian.org>\n"
+    "[GNUPG:] VALIDSIG 41587F7DB8C774BCCF131416762F67A0B2C39DE4 2026-11-21 1795252690 0 4 0 22 8 01 "
+    "41587F7DB8C774BCCF131416762F67A0B2C39DE4\n"
+)
+
+
+def test_signature_judged_like_apt() -> None:
+    assert debian.signature_problem(_SIG_BOOKWORM + _SIG_RELEASE) is None
+    assert debian.signature_problem(_SIG_UNKNOWN + _SIG_RELEASE) is None  # an unknown extra key is ignored
+    assert debian.signature_problem(_SIG_UNKNOWN) == "no good signature by a key in the keyring"
+    assert debian.signature_problem("") == "no good signature by a key in the keyring"
+    bad = "[GNUPG:] NEWSIG\n[GNUPG:] BADSIG 762F67A0B2C39DE4 Debian Stable Release Key\n"
+    assert debian.signature_problem(_SIG_RELEASE + bad) == "bad signature"
+    unexplained = _SIG_UNKNOWN.replace("[GNUPG:] NO_PUBKEY 78DBA3BC47EF2265\n", "")
+    assert debian.signature_problem(_SIG_RELEASE + unexplained) == "signature could not be checked"
+    sha1 = _SIG_RELEASE.replace(" 0 4 0 22 8 01 ", " 0 4 0 22 2 01 ")  # hash algo 2 = SHA-1
+    assert debian.signature_problem(sha1) == "no good signature by a key in the keyring"
+    expired = _SIG_RELEASE.replace("GOODSIG", "EXPKEYSIG")
+    assert debian.signature_problem(expired) == "no good signature by a key in the keyring"
