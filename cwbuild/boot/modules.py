@@ -10,6 +10,7 @@ Kconfig MODULE_COMPRESS_*); they are decompressed here so busybox `insmod` can l
 from __future__ import annotations
 
 import gzip
+import io
 import lzma
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -66,7 +67,11 @@ def decompress(path: str, blob: bytes) -> bytes:
         if path.endswith(".zst"):
             return zstandard.ZstdDecompressor().decompress(blob, max_output_size=MAX_MODULE_BYTES)
         if path.endswith(".gz"):
-            return gzip.decompress(blob)
+            with gzip.GzipFile(fileobj=io.BytesIO(blob)) as fh:
+                out = fh.read(MAX_MODULE_BYTES + 1)
+            if len(out) > MAX_MODULE_BYTES:
+                raise FormatError(f"{path}: larger than {MAX_MODULE_BYTES} bytes")
+            return out
     except (lzma.LZMAError, zstandard.ZstdError, OSError, EOFError) as exc:
         raise FormatError(f"{path}: corrupt compressed module: {exc}") from exc
     return blob

@@ -268,3 +268,28 @@ def test_signature_judged_like_apt() -> None:
     assert debian.signature_problem(sha1) == "no good signature by a key in the keyring"
     expired = _SIG_RELEASE.replace("GOODSIG", "EXPKEYSIG")
     assert debian.signature_problem(expired) == "no good signature by a key in the keyring"
+
+
+def test_module_decompression_formats_and_corruption() -> None:
+    import gzip
+    import lzma
+
+    import zstandard
+
+    from cwbuild.boot.modules import decompress, module_name
+
+    payload = b"\x7fELF" + bytes(range(256)) * 8
+    assert decompress("a.ko.xz", lzma.compress(payload, check=lzma.CHECK_CRC32)) == payload
+    assert decompress("a.ko.zst", zstandard.ZstdCompressor().compress(payload)) == payload
+    assert decompress("a.ko.gz", gzip.compress(payload)) == payload
+    assert decompress("a.ko", payload) == payload
+    for name, blob in (
+        ("a.ko.xz", b"\xfd7zXZ\0garbage"),
+        ("a.ko.gz", b"\x1f\x8bgarbage"),
+        ("a.ko.zst", b"junk"),
+    ):
+        with pytest.raises(FormatError):
+            decompress(name, blob)
+    assert module_name("kernel/drivers/virt/coco/sev-guest/sev-guest.ko.xz") == "sev_guest"
+    with pytest.raises(FormatError):
+        module_name("kernel/x/readme.txt")
