@@ -63,6 +63,15 @@ class KdfSpec:
                 f"1..{MAX_ARGON2_CPUS} cpus"
             )
 
+    def check_guest_memory(self, guest_memory_mib: int) -> None:
+        """DESIGN.md: an argon2 keyslot never needs more than a quarter of the guest's memory (the guest
+        runs the KDF when it unlocks the disk)."""
+        if self.type is not KdfType.PBKDF2 and self.memory_kib > guest_memory_mib * 1024 // 4:
+            raise DiskError(
+                f"argon2 memory {self.memory_kib} KiB exceeds a quarter of {guest_memory_mib} MiB",
+                hint="lower --kdf-memory or raise --memory",
+            )
+
     def describe(self) -> str:
         if self.type is KdfType.PBKDF2:
             return f"pbkdf2-{self.hash}, {self.iterations} iterations"

@@ -23,6 +23,7 @@ import os
 from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +211,7 @@ def crypt_span(
 
     A short last sector is zero-padded, so the output covers `length` rounded up to the sector size.
     Work is split into CHUNK-sized jobs. With more than one worker, jobs run in worker processes (the
-    per-sector ctypes calls hold the GIL briefly but often, so threads contend; processes scale). Memory:
+    per-sector cffi calls hold the GIL briefly but often, so threads contend; processes scale). Memory:
     one CHUNK buffer per worker, whatever the length.
     """
     nworkers = workers or default_workers()
@@ -233,13 +234,21 @@ def crypt_span(
         initializer=_worker_init,
         initargs=(span, params, encrypt, chunk),
     ) as pool:
-        pending: list[Future[int]] = []
-        for pos in positions:
-            pending.append(pool.submit(_worker_job, pos))
-            if len(pending) >= 2 * nworkers:
-                _report(pending.pop(0).result(), progress)
-        for fut in pending:
-            _report(fut.result(), progress)
+        try:
+            pending: list[Future[int]] = []
+            for pos in positions:
+                pending.append(pool.submit(_worker_job, pos))
+                if len(pending) >= 2 * nworkers:
+                    _report(pending.pop(0).result(), progress)
+            for fut in pending:
+                _report(fut.result(), progress)
+        except BrokenProcessPool:
+            raise DiskError(
+                "an encryption worker process died (out of memory, or the input shrank?)"
+            ) from None
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _report(n: int, progress: Callable[[int], None] | None) -> None:
