@@ -335,3 +335,17 @@ def test_luks1_layout_is_cryptsetups() -> None:
     offsets, payload = luks1.layout(64)
     assert offsets == [8, 512, 1016, 1520, 2024, 2528, 3032, 3536]  # cw-format.md §3.1
     assert payload == 4096  # cryptsetup's 1 MiB-aligned default (luksy: 4040)
+
+
+def test_kdf_defaults_and_guest_memory_cap() -> None:
+    from cwbuild.disk.kdf import default_kdf
+
+    assert default_kdf(generated_passphrase=True) == KdfSpec(KdfType.PBKDF2, iterations=1000)
+    user = default_kdf(generated_passphrase=False)
+    assert (user.type, user.time, user.memory_kib, user.cpus) == (KdfType.ARGON2ID, 4, 65536, 2)
+    assert default_kdf(generated_passphrase=False, guest_memory_mib=128).memory_kib == 32 * 1024
+    user.check_guest_memory(256)
+    with pytest.raises(DiskError, match="quarter"):
+        user.check_guest_memory(255)
+    with pytest.raises(DiskError):
+        KdfSpec(KdfType.PBKDF2, iterations=999).check_writable()
