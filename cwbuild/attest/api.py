@@ -378,49 +378,33 @@ class Service:
     def attest(self, req: AttestRequest, *, client: str) -> bytes:
         """Decide; the secret wrapped (RSA-OAEP-SHA256) to the key bound in the evidence, or AttestRefused."""
         wid = req.workload_id
-        taken = self.store.take_nonce(req.nonce, now=self.clock())
+
+        def no(reason: str, detail: str, status: int = 403) -> AttestRefused:
+            return self.refuse("attest", reason, detail, status=status, workload_id=wid, client=client)
+
+        taken = self.store.take_nonce(req.nonce, now=self.clock())  # spent whatever happens next
         if taken.state is not NonceState.OK:
-            raise self.refuse("attest", taken.state.value, "nonce refused", workload_id=wid, client=client)
+            raise no(taken.state.value, "nonce refused")
         if taken.workload_id != wid:
-            raise self.refuse(
-                "attest",
-                "nonce.workload_mismatch",
-                "nonce was issued for another workload",
-                workload_id=wid,
-                client=client,
-            )
+            raise no("nonce.workload_mismatch", "nonce was issued for another workload")
         workload = self.store.get_workload(wid)
         if workload is None:
-            raise self.refuse(
-                "attest", "workload.not_found", "no such workload", status=404, workload_id=wid, client=client
-            )
+            raise no("workload.not_found", "no such workload", 404)
         try:
             key = wrap.load_pubkey_der(req.pubkey_der)
         except FormatError as exc:
-            raise self.refuse(
-                "attest", "pubkey.invalid", exc.message, status=400, workload_id=wid, client=client
-            ) from None
+            raise no("pubkey.invalid", exc.message, 400) from None
         policy = self.policy_for(workload, wrap.report_data_v1(req.nonce, req.pubkey_der))
         verdict = self.gate.verify(
             workload.tee, req.evidence, req.certs, policy=policy, now=datetime.now(UTC)
         )
         if not verdict.ok:
-            ids = ",".join(verdict.failure_ids())
-            raise self.refuse(
-                "attest", verdict.failures[0].id, f"evidence refused: {ids}", workload_id=wid, client=client
-            )
-        secret = self.unseal(workload)
+            raise no(verdict.failures[0].id, "evidence refused: " + ",".join(verdict.failure_ids()))
         try:
-            wrapped = wrap.wrap_oaep(key, secret)
+            wrapped = wrap.wrap_oaep(key, self.unseal(workload))
         except AttestError:
-            raise self.refuse(
-                "attest",
-                "secret.too_long_for_key",
-                "secret does not fit the key",
-                status=400,
-                workload_id=wid,
-                client=client,
-            ) from None
+            raise no("secret.too_long_for_key", "secret does not fit the key", 400) from None
+        measurement = str(verdict.claims.get("measurement", ""))
         self.decide(
             "attest",
             "allow",
@@ -428,6 +412,6 @@ class Service:
             workload_id=wid,
             client=client,
             tee=workload.tee,
-            measurement=str(verdict.claims.get("measurement", "")),
+            measurement=measurement,
         )
         return wrapped

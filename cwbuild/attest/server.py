@@ -305,6 +305,13 @@ def create_app(service: Service, options: ServerOptions) -> FastAPI:
             service.metrics.observe("attest", time.perf_counter() - start)
         return {"wrapped_key": wrap.b64(wrapped)}
 
+    _ops_routes(app, service)
+    return app
+
+
+def _ops_routes(app: FastAPI, service: Service) -> None:
+    """Liveness and Prometheus metrics; no auth (they carry counts and ids only)."""
+
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "workloads": service.store.count_workloads()}
@@ -312,5 +319,3 @@ def create_app(service: Service, options: ServerOptions) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    return app
