@@ -33,6 +33,8 @@ from cwbuild.run import run
 
 #: Runtime keys copied from the image config (spec §4.5 "Compatibility recommendation").
 CONFIG_KEYS = ("Entrypoint", "Cmd", "Env", "WorkingDir", "User")
+#: What cwbuild adds to the tree (root-owned in the image).
+OUR_FILES = (".krun_config.json", ".cwbuild", ".cwbuild/config.json")
 MIN_IMAGE_SIZE = 10 * 1024 * 1024  # buildah minimumImageSize (spec §1.6)
 BLOCK = 4096
 INODE_SIZE = 256
@@ -125,18 +127,30 @@ def _write_config_files(root: Path, spec: FsSpec) -> None:
     ).encode()
     t = spec.source_date_epoch
     cw = root / ".cwbuild"
-    for path in (root / ".krun_config.json", cw / "config.json"):
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise DiskError(f"the image already has a non-file at /{path.relative_to(root)}")
-    if cw.is_symlink() or (cw.exists() and not cw.is_dir()):
-        raise DiskError("the image already has a non-directory at /.cwbuild")
+    _clear(cw, keep_dir=True)
     cw.mkdir(mode=0o755, exist_ok=True)
     for path, data in ((root / ".krun_config.json", krun), (cw / "config.json", ours)):
-        path.write_bytes(data)
-        path.chmod(0o644)
+        _clear(path, keep_dir=False)  # a symlink or hardlink the image put there is replaced, never followed
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), 0o644)
         os.utime(path, (t, t))
     os.utime(cw, (t, t))
     os.utime(root, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))  # keep the layers' root mtime
+
+
+def _clear(path: Path, *, keep_dir: bool) -> None:
+    """Remove a non-directory entry at `path`; a directory is kept (keep_dir) or refused."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return
+        raise DiskError(f"the image has a directory at /{path.name}, where cwbuild writes its config")
+    path.unlink()
 
 
 def content_size(root: Path) -> tuple[int, int]:
@@ -221,7 +235,8 @@ def _normalize_inodes(image: Path, work: Path, spec: FsSpec, env: Mapping[str, s
             lines.append(f"sif <{ino}> {name} {t}")
         for name in ("atime_extra", "ctime_extra", "crtime_extra"):
             lines.append(f"sif <{ino}> {name} 0")
-    for rel, (uid, gid) in sorted(spec.owners.items()):
+    owners = {**spec.owners, **{p: (0, 0) for p in OUR_FILES}}  # ours are root's, even when unprivileged
+    for rel, (uid, gid) in sorted(owners.items()):
         path = _debugfs_path(rel)
         lines += [f"sif {path} uid {uid}", f"sif {path} gid {gid}"]
     script = work / "debugfs.cmd"

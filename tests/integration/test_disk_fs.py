@@ -151,3 +151,16 @@ def test_failed_mkfs_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="mkfs"):
         make_filesystem(tree, tmp_path / "x.img", spec=FsSpec("sha256:aa", 0, size=4096 * 4))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_existing_config_links_are_replaced_not_followed(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/passwd").write_bytes(b"root:x:0:0::/root:/bin/sh\n")
+    os.link(tree / "etc/passwd", tree / ".krun_config.json")  # a hardlink planted by the image
+    (tree / ".cwbuild").symlink_to("/tmp")  # and a symlink out of the tree
+    img = make_filesystem(tree, tmp_path / "x.img", spec=FsSpec("sha256:aa", 0, config={"Cmd": ["x"]})).path
+    assert (tree / "etc/passwd").read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
+    assert json.loads(_debugfs(img, "cat /.krun_config.json")) == {"Cmd": ["x"]}
+    assert "Type: directory" in _debugfs(img, "stat /.cwbuild")
+    assert "User:     0   Group:     0" in _debugfs(img, "stat /.cwbuild/config.json")
