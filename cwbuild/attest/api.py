@@ -359,6 +359,10 @@ class Service:
         self.decide("challenge", "allow", "nonce.issued", workload_id=workload_id, client=client)
         return nonce, expires
 
+    def now(self) -> datetime:
+        """The verification time: the service clock (so tests can verify old evidence at its time)."""
+        return datetime.fromtimestamp(self.clock(), UTC)
+
     def unseal(self, workload: Workload) -> bytes:
         """The plaintext secret of `workload`, only ever to be wrapped to an attested key."""
         return wrap.unseal(self._master_key, workload.workload_id, workload.sealed_secret)
@@ -395,9 +399,7 @@ class Service:
         except FormatError as exc:
             raise no("pubkey.invalid", exc.message, 400) from None
         policy = self.policy_for(workload, wrap.report_data_v1(req.nonce, req.pubkey_der))
-        verdict = self.gate.verify(
-            workload.tee, req.evidence, req.certs, policy=policy, now=datetime.now(UTC)
-        )
+        verdict = self.gate.verify(workload.tee, req.evidence, req.certs, policy=policy, now=self.now())
         if not verdict.ok:
             raise no(verdict.failures[0].id, "evidence refused: " + ",".join(verdict.failure_ids()))
         try:

@@ -21,7 +21,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -268,7 +267,7 @@ class KbsCompat:
                 "kbs.attest", "workload.not_found", "workload was deleted", status=404, wid=wid, client=client
             )
         policy = self.service.policy_for(workload, report_data)
-        verdict = self.service.gate.verify(workload.tee, report, None, policy=policy, now=datetime.now(UTC))
+        verdict = self.service.gate.verify(workload.tee, report, None, policy=policy, now=self.service.now())
         if not verdict.ok:
             ids = ",".join(verdict.failure_ids())
             return self._refuse("kbs.attest", verdict.failures[0].id, ids, status=403, wid=wid, client=client)

@@ -125,7 +125,7 @@ def _check(config: ServeConfig, host: str) -> None:
         )
 
 
-def _collateral(path: str | None) -> Collateral | None:
+def load_collateral(path: str | None) -> Collateral | None:
     """TDX collateral (TCB info, QE identity, CRLs) from a file: the offline bundle of spec §3.7."""
     if path is None:
         return None
@@ -159,7 +159,9 @@ def build(config: ServeConfig) -> tuple[Any, Service]:
         master_key=master_key,
         audit=Audit(Path(config.audit_log) if config.audit_log else None),
         metrics=Metrics(),
-        gate=EvidenceGate(certs=certs, sim_key=sim_key, tdx_collateral=_collateral(config.tdx_collateral)),
+        gate=EvidenceGate(
+            certs=certs, sim_key=sim_key, tdx_collateral=load_collateral(config.tdx_collateral)
+        ),
         limits=Limits(config.nonce_ttl, config.max_pending, config.max_pending_per_client),
         default_policy=config.default_policy,
     )
