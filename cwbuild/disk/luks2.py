@@ -107,27 +107,8 @@ def metadata_json(  # noqa: PLR0913 - keyword-only parts of one keyslot + one se
     area_size: int,
 ) -> str:
     """The §3 JSON for one luks2 keyslot, one crypt segment, one pbkdf2 digest."""
-    kdf_json: dict[str, Any] = {"type": str(kdf.type), "salt": _b64(kdf_salt)}
-    if kdf.type is KdfType.PBKDF2:
-        kdf_json |= {"hash": kdf.hash, "iterations": kdf.iterations}
-    else:
-        kdf_json |= {"time": kdf.time, "memory": kdf.memory_kib, "cpus": kdf.cpus}
     doc = {
-        "keyslots": {
-            "0": {
-                "type": "luks2",
-                "key_size": key_size,
-                "af": {"type": "luks1", "stripes": af.STRIPES, "hash": "sha256"},
-                "area": {
-                    "type": "raw",
-                    "offset": str(area_offset),
-                    "size": str(area_size),
-                    "encryption": "aes-xts-plain64",
-                    "key_size": key_size,
-                },
-                "kdf": kdf_json,
-            }
-        },
+        "keyslots": {"0": _keyslot_json(key_size, kdf, kdf_salt, area_offset, area_size)},
         "tokens": {},
         "segments": {
             "0": {
@@ -156,6 +137,26 @@ def metadata_json(  # noqa: PLR0913 - keyword-only parts of one keyslot + one se
         },
     }
     return json.dumps(doc, separators=(",", ":"))
+
+
+def _keyslot_json(
+    key_size: int, kdf: KdfSpec, salt: bytes, area_offset: int, area_size: int
+) -> dict[str, Any]:
+    """§3.2 keyslot object: a luks2 keyslot with AF stripes 4000 (sha256) in a raw aes-xts-plain64 area."""
+    kdf_json: dict[str, Any] = {"type": str(kdf.type), "salt": _b64(salt)}
+    if kdf.type is KdfType.PBKDF2:
+        kdf_json |= {"hash": kdf.hash, "iterations": kdf.iterations}
+    else:
+        kdf_json |= {"time": kdf.time, "memory": kdf.memory_kib, "cpus": kdf.cpus}
+    area = {
+        "type": "raw",
+        "offset": str(area_offset),
+        "size": str(area_size),
+        "encryption": "aes-xts-plain64",
+        "key_size": key_size,
+    }
+    af_json = {"type": "luks1", "stripes": af.STRIPES, "hash": "sha256"}
+    return {"type": "luks2", "key_size": key_size, "af": af_json, "area": area, "kdf": kdf_json}
 
 
 # ---------------------------------------------------------------------------------------------- reading
