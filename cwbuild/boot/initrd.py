@@ -7,7 +7,8 @@ and cached under `<cache>/initrd/`. Segment 2 holds `/init` and the per-workload
 concatenated (compressed) cpio archives in order (Documentation/driver-api/early-userspace/
 buffer-format.rst: "the initramfs may be a concatenation of several archives"). Both are gzip'd with mtime 0
 and a fixed level, so the same inputs give the same bytes; the zlib version is recorded because a different
-deflate implementation (e.g. zlib-ng) produces different, equally valid, bytes.
+deflate implementation (e.g. zlib-ng) produces different, equally valid, bytes. `Compression.NONE` stores
+both segments uncompressed: larger, but byte-identical on any host.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from cwbuild.boot.cpio import Entry, write_newc
@@ -40,6 +42,21 @@ MERGED_USR_LINKS = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib
 CONSOLE_DEV = (5, 1)  # Documentation/admin-guide/devices.txt: char 5,1 = /dev/console
 
 
+class Compression(StrEnum):
+    """How each initrd segment is stored (both are accepted by the kernel: CONFIG_RD_GZIP, plain newc)."""
+
+    GZIP = "gzip"  # ~2.5x smaller; the bytes depend on the deflate implementation (recorded)
+    NONE = "none"  # the same bytes on any host, whatever its zlib
+
+
+@dataclass(frozen=True)
+class InitrdOptions:
+    """What goes into the kit segment and how segments are stored."""
+
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    compression: Compression = Compression.GZIP
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A build output: where it is and what it hashes to."""
@@ -56,12 +73,17 @@ class InitrdInfo:
     artifact: Artifact
     kit_segment_sha256: str
     modules: tuple[str, ...]
-    zlib_version: str
+    compression: Compression
+    zlib_version: str  # "" when uncompressed
 
 
 def gzip_bytes(data: bytes) -> bytes:
     """Deterministic gzip: mtime 0, no file name, fixed level (RFC 1952 header fields)."""
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+def _compress(data: bytes, compression: Compression) -> bytes:
+    return gzip_bytes(data) if compression is Compression.GZIP else data
 
 
 def kit_entries(kit: Kit, modules: Sequence[str]) -> tuple[dict[str, Entry], tuple[str, ...]]:
@@ -92,30 +114,39 @@ def kit_entries(kit: Kit, modules: Sequence[str]) -> tuple[dict[str, Entry], tup
     return entries, tuple(m.name for m in loaded)
 
 
-def _segment_key(kit: Kit, modules: Sequence[str]) -> str:
+def _zlib(compression: Compression) -> str:
+    return zlib.ZLIB_RUNTIME_VERSION if compression is Compression.GZIP else ""
+
+
+def _segment_key(kit: Kit, modules: Sequence[str], compression: Compression) -> str:
     ident = {
         "builder": BUILDER_VERSION,
         "kit": kit.id,
         "modules": list(modules),
-        "zlib": zlib.ZLIB_RUNTIME_VERSION,
+        "compression": str(compression),
+        "zlib": _zlib(compression),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 def kit_segment(
-    kit: Kit, modules: Sequence[str], *, cache: Path | None = None
+    kit: Kit,
+    modules: Sequence[str],
+    *,
+    cache: Path | None = None,
+    compression: Compression = Compression.GZIP,
 ) -> tuple[bytes, tuple[str, ...]]:
-    """The compressed kit segment, from the cache when a verified copy is there."""
+    """The kit segment, from the cache when a verified copy is there."""
     store = (cache or kit.store) / "initrd"
-    key = _segment_key(kit, modules)
-    blob_path, meta_path = store / f"{key}.cpio.gz", store / f"{key}.json"
+    key = _segment_key(kit, modules, compression)
+    blob_path, meta_path = store / f"{key}.cpio", store / f"{key}.json"
     if blob_path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text("utf-8"))
         blob = blob_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() == meta.get("sha256"):
             return blob, tuple(meta["modules"])
     entries, loaded = kit_entries(kit, modules)
-    blob = gzip_bytes(write_newc(entries))
+    blob = _compress(write_newc(entries), compression)
     store.mkdir(parents=True, exist_ok=True)
     meta = {"sha256": hashlib.sha256(blob).hexdigest(), "modules": list(loaded)}
     _atomic_write(blob_path, blob)
@@ -123,13 +154,15 @@ def kit_segment(
     return blob, loaded
 
 
-def workload_segment(init_script: bytes, extra_files: Mapping[str, bytes]) -> bytes:
-    """The compressed per-workload segment: /init (0755) and the given files (0644)."""
+def workload_segment(
+    init_script: bytes, extra_files: Mapping[str, bytes], compression: Compression = Compression.GZIP
+) -> bytes:
+    """The per-workload segment: /init (0755) and the given files (0644)."""
     entries = {path.lstrip("/"): Entry.file(data) for path, data in extra_files.items()}
     if "init" in entries:
         raise BuildError("extra_files must not contain /init; pass it as init_script")
     entries["init"] = Entry.file(init_script, 0o755)
-    return gzip_bytes(write_newc(entries, first_inode=WORKLOAD_FIRST_INODE))
+    return _compress(write_newc(entries, first_inode=WORKLOAD_FIRST_INODE), compression)
 
 
 def build_initrd(
@@ -138,19 +171,25 @@ def build_initrd(
     init_script: bytes,
     extra_files: Mapping[str, bytes],
     out: Path,
-    modules: Sequence[str] = DEFAULT_MODULES,
+    options: InitrdOptions | None = None,
     cache: Path | None = None,
 ) -> InitrdInfo:
     """Write the initrd for `kit` + workload files to `out`; same inputs, same bytes.
 
-    `cache` is where the kit segment is cached (default: the kit's own cache root).
+    `cache` is where the kit segment is cached (default: the kit's own cache root). With
+    `Compression.NONE` the bytes do not even depend on the host's deflate implementation.
     """
-    base, loaded = kit_segment(kit, modules, cache=cache)
-    data = base + workload_segment(init_script, extra_files)
+    opts = options or InitrdOptions()
+    compression = opts.compression
+    base, loaded = kit_segment(kit, opts.modules, cache=cache, compression=compression)
+    data = base + workload_segment(init_script, extra_files, compression)
     _atomic_write(out, data)
-    digest = hashlib.sha256(data).hexdigest()
     return InitrdInfo(
-        Artifact(out, digest, len(data)), hashlib.sha256(base).hexdigest(), loaded, zlib.ZLIB_RUNTIME_VERSION
+        artifact=Artifact(out, hashlib.sha256(data).hexdigest(), len(data)),
+        kit_segment_sha256=hashlib.sha256(base).hexdigest(),
+        modules=loaded,
+        compression=compression,
+        zlib_version=_zlib(compression),
     )
 
 

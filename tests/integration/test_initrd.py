@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cwbuild.boot.initrd import MODULE_LIST, build_initrd
+from cwbuild.boot.initrd import MODULE_LIST, Compression, InitrdOptions, build_initrd
 from cwbuild.boot.kit import Kit, export, import_kit
 from cwbuild.errors import KitError
 from tests.kits import cached_kit
@@ -53,12 +53,20 @@ def kit() -> Kit:
 
 
 def _build(
-    kit: Kit, tmp: Path, *, workload: bytes = b"wl-1\n", cache: Path | None = None
+    kit: Kit,
+    tmp: Path,
+    *,
+    workload: bytes = b"wl-1\n",
+    cache: Path | None = None,
+    compression: Compression = Compression.GZIP,
 ) -> tuple[Path, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / "initrd.img"
     extra = {"etc/workload-id": workload}
-    info = build_initrd(kit, init_script=TEST_INIT, extra_files=extra, out=out, cache=cache or tmp / "cache")
+    opts = InitrdOptions(compression=compression)
+    info = build_initrd(
+        kit, init_script=TEST_INIT, extra_files=extra, out=out, options=opts, cache=cache or tmp / "cache"
+    )
     assert info.artifact.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
     return out, info.kit_segment_sha256
 
@@ -128,8 +136,9 @@ def test_initrd_readable_by_gnu_cpio(kit: Kit, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_initrd_boots_kit_kernel_under_tcg(kit: Kit, tmp_path: Path) -> None:
-    img, _ = _build(kit, tmp_path)
+@pytest.mark.parametrize("compression", list(Compression))
+def test_initrd_boots_kit_kernel_under_tcg(kit: Kit, tmp_path: Path, compression: Compression) -> None:
+    img, _ = _build(kit, tmp_path, compression=compression)
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "512", "-nographic", "-no-reboot"]
     argv += ["-kernel", str(kit.vmlinuz), "-initrd", str(img), "-append", "console=ttyS0 panic=-1 quiet"]
     started = time.monotonic()
@@ -149,4 +158,4 @@ def test_initrd_boots_kit_kernel_under_tcg(kit: Kit, tmp_path: Path) -> None:
     assert f"cryptsetup: cryptsetup {upstream('cryptsetup-bin')}" in out
     assert f"curl: curl {upstream('curl')}" in out
     assert f"openssl: OpenSSL {upstream('openssl').split('-')[0]}" in out
-    print(f"TCG boot to poweroff: {elapsed:.1f} s")
+    print(f"TCG boot to poweroff ({compression}, {img.stat().st_size} bytes): {elapsed:.1f} s")
