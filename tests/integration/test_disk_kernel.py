@@ -76,7 +76,7 @@ def _module_closure(moddir: Path) -> list[Path]:
 
 
 def _libraries(binary: str) -> list[Path]:
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout  # static: rc 1
     libs = [Path(m) for m in re.findall(r"(/\S+) \(0x", out)]
     return [lib for lib in libs if lib.exists()]
 
@@ -88,7 +88,7 @@ def _build_initrd(root: Path, out: Path, modules: list[Path], passphrase: bytes)
     cryptsetup = shutil.which("cryptsetup", path="/usr/sbin:/sbin:/usr/bin")
     assert cryptsetup, "cryptsetup not installed"
     shutil.copy2(cryptsetup, root / "usr/sbin/cryptsetup")
-    for lib in _libraries(cryptsetup):
+    for lib in _libraries(cryptsetup) + _libraries("/bin/busybox"):  # busybox-static has none
         dest = (
             root / "lib64" / lib.name
             if lib.name.startswith("ld-linux")
