@@ -105,7 +105,8 @@ class Registration:
             raise ConfigError(
                 "policy must be a mapping without measurements/report_data (use reference_values)"
             )
-        Policy.from_dict(policy)
+        canonical = Policy.from_dict(policy).to_dict()  # validated; hex lowercase; only the keys given
+        policy = {key: canonical[key] for key in policy}
         if not 1 <= len(secret) <= wrap.MAX_SECRET_V1:
             raise ConfigError(f"secret must be 1..{wrap.MAX_SECRET_V1} bytes (the OAEP limit of RSA-2048)")
         if not isinstance(replace, bool):

@@ -176,3 +176,15 @@ def test_metrics_exposition() -> None:
     assert 'cwbuild_request_seconds_bucket{route="attest",le="0.005"} 1' in text
     assert 'cwbuild_request_seconds_bucket{route="attest",le="+Inf"} 1' in text
     assert "cwbuild_workloads 7" in text
+
+
+def test_registration_policy_is_canonical_and_sparse() -> None:
+    reg = Registration.build(
+        workload_id="w",
+        tee="tdx",
+        reference_values=[M.upper()],
+        policy={"rtmr1": ["AB" * 48], "debug": False},
+        secret=b"s",
+    )
+    assert reg.reference_values == (M,)
+    assert reg.policy == {"rtmr1": ["ab" * 48], "debug": False}  # server defaults still apply to the rest
