@@ -121,11 +121,16 @@ def export_command(dest: Path, kit_ref: str | None, cache: Path | None) -> None:
     export_kit(ExportRequest(kits.cache_root(cache), kit_ref, dest))
 
 
+def _select(cache: Path, ref: str | None) -> kits.Kit:
+    kit = kits.load(cache, ref) if ref else kits.latest(cache)
+    if kit is None:
+        raise KitError(f"no kit in {kits.kits_dir(cache)}", hint="run cwbuild kit fetch first")
+    return kit
+
+
 def export_kit(req: ExportRequest) -> kits.Kit:
     """Export the requested kit after checking its files."""
-    kit = kits.load(req.cache, req.kit) if req.kit else kits.latest(req.cache)
-    if kit is None:
-        raise KitError(f"no kit in {kits.kits_dir(req.cache)}", hint="run cwbuild kit fetch first")
+    kit = _select(req.cache, req.kit)
     kits.verify_files(kit)
     kits.export(kit, req.dest)
     click.echo(kit.id)
@@ -143,3 +148,13 @@ def import_command(src: Path, cache: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(summary(kit), indent=2, sort_keys=True))
     else:
         click.echo(kit.id)
+
+
+@command.command("verify")
+@click.option("--kit", "kit_ref", default=None, help="Kit id or prefix (default: the newest kit).")
+@_cache_option
+def verify_command(kit_ref: str | None, cache: Path | None) -> None:
+    """Check every file of a cached kit against its manifest."""
+    kit = _select(kits.cache_root(cache), kit_ref)
+    kits.verify_files(kit)
+    click.echo(f"{kit.id}: {len(kit.manifest['files'])} files ok")

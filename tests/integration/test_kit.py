@@ -314,3 +314,18 @@ def test_export_without_kits_is_a_clear_error(tmp_path: Path) -> None:
     listed = cwbuild(["kit", "list", "--cache", tmp_path, "--json"])
     assert listed.returncode == 0
     assert json.loads(listed.stdout) == []
+
+
+def test_verify_finds_a_modified_file(kit: Kit, tmp_path: Path) -> None:
+    assert cwbuild(["kit", "verify", "--cache", kit.store, "--kit", kit.id]).returncode == 0
+    archive = tmp_path / "kit.tar"
+    assert cwbuild(["kit", "export", "--cache", kit.store, archive]).returncode == 0
+    other = tmp_path / "copy"
+    assert cwbuild(["kit", "import", "--cache", other, archive]).returncode == 0
+    victim = other / "kits" / kit.id / FILES / "firmware" / "OVMF.amdsev.fd"
+    data = bytearray(victim.read_bytes())
+    data[4096] ^= 1
+    victim.write_bytes(bytes(data))
+    proc = cwbuild(["kit", "verify", "--cache", other])
+    assert proc.returncode == 1
+    assert b"firmware/OVMF.amdsev.fd does not match its sha256" in proc.stderr
