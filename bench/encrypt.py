@@ -6,7 +6,8 @@ Measures, on the same random input:
   - whole command, default settings: `cwbuild disk encrypt` (LUKS2 4096, and LUKS1) vs `luksy encrypt`
     (v2, and v1 `--luks1`), each with a passphrase file, wall clock including start-up and KDF;
   - payload only: cwbuild's streamed AES-XTS of the file (xts.crypt_span, file to file) at 4096- and 512-byte
-    sectors; luksy's payload estimated as its whole time minus its time on a 1 MiB input (KDF benchmarks);
+    sectors, and in memory (one process, and one per CPU at once: compute only, like openssl speed);
+    luksy's payload estimated as its whole time minus its time on a 1 MiB input (KDF benchmarks);
   - `openssl speed -evp aes-256-xts` (one core, 16 KiB blocks): the machine's AES-XTS limit;
   - peak memory (sum of PSS over the process tree, sampled every 20 ms) of `cwbuild disk encrypt` on 4 GiB.
 Not run by pytest. The machine may be shared: each figure is the best of --runs runs, all runs are printed.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -28,7 +30,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cwbuild.disk.xts import Span, XtsParams, backend_name, crypt_span, default_workers  # noqa: E402
+from cwbuild.disk.xts import (  # noqa: E402
+    SectorCrypt,
+    Span,
+    XtsParams,
+    backend_name,
+    crypt_span,
+    default_workers,
+)
 
 MiB = 1 << 20
 DEFAULT_LUKSY = Path("/var/cache/cwbuild-test-assets/x/usr/bin/luksy")
@@ -113,6 +122,24 @@ def _payload_only(src: Path, dst: Path, size: int, sector: int, runs: int) -> tu
     return min(times), times
 
 
+def _in_memory_job(sector: int) -> float:
+    """Seconds for one process to encrypt 64 MiB in memory, 4 times (no file I/O): compute only."""
+    buf = bytearray(os.urandom(64 * MiB))
+    with SectorCrypt(XtsParams(os.urandom(64), sector), encrypt=True) as c:
+        start = time.perf_counter()
+        for rep in range(4):
+            c.run(buf, rep * len(buf) // 512)
+        return time.perf_counter() - start
+
+
+def _in_memory(sector: int, workers: int) -> float:
+    """Aggregate bytes/s of `workers` processes encrypting in memory at once."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers) as pool:
+        times = pool.map(_in_memory_job, [sector] * workers)
+    return workers * 4 * 64 * MiB / max(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -149,6 +176,10 @@ def main() -> None:
         for sector in (4096, 512):
             best, times = _payload_only(src, out, size, sector, args.runs)
             results[f"cwbuild_payload_{sector}_s"] = {"best": best, "runs": times, "Bps": size / best}
+            results[f"cwbuild_in_memory_{sector}_Bps"] = {
+                "one_process": _in_memory(sector, 1),
+                f"{default_workers()}_processes": _in_memory(sector, default_workers()),
+            }
         if args.luksy.exists():
             for name, extra in (("v2", []), ("v1", ["--luks1"])):
                 base = [str(args.luksy), "encrypt", "--password-file", str(pw), *extra, "-f"]
@@ -180,7 +211,12 @@ def _summary(r: dict[str, object], size: int) -> None:
     for sector in (4096, 512):
         bps = size / best(f"cwbuild_payload_{sector}_s")
         share = 100 * bps / ossl
-        print(f"cwbuild payload, {sector}-byte sectors: {bps / 1e9:.2f} GB/s = {share:.0f}% of openssl")
+        print(
+            f"cwbuild payload file to file, {sector} B sectors: {bps / 1e9:.2f} GB/s = {share:.0f}% of ossl"
+        )
+        mem = r[f"cwbuild_in_memory_{sector}_Bps"]
+        for who, v in mem.items():  # type: ignore[attr-defined]
+            print(f"    in memory, {who}: {v / 1e9:.2f} GB/s = {100 * v / ossl:.0f}% of openssl")
     for cw_key, lk_key in (
         ("cwbuild_luks2_whole_s", "luksy_v2_whole_s"),
         ("cwbuild_luks1_whole_s", "luksy_v1_whole_s"),
