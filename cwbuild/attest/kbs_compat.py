@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from cwbuild.attest import wrap
 from cwbuild.attest.api import MAX_EVIDENCE_BYTES, Registration, Service, check_workload_id
@@ -236,47 +237,42 @@ class KbsCompat:
     async def attest(self, request: Request) -> Response:
         client = _client(request)
         session = self.sessions.get(request.cookies.get(COOKIE))
-        if session is None:
-            return self._refuse(
-                "kbs.attest",
-                "session.unknown",
-                "no valid session cookie",
-                status=401,
-                wid=None,
-                client=client,
-            )
-        wid = session.workload_id
-        if not self.sessions.transition(session, "new", "failed"):
-            return self._refuse(
-                "kbs.attest",
-                "session.used",
-                "this session already attested",
-                status=401,
-                wid=wid,
-                client=client,
-            )
         try:
-            report, key, report_data = self._evidence(await request.body(), session)
+            wid, tee = await self._attest(session, await request.body())
         except AttestRefused as exc:
+            named = session.workload_id if session else None
             return self._refuse(
-                "kbs.attest", exc.reason, exc.detail, status=exc.status, wid=wid, client=client
+                "kbs.attest", exc.reason, exc.detail, status=exc.status, wid=named, client=client
             )
-        workload = self.service.store.get_workload(wid)
-        if workload is None:
-            return self._refuse(
-                "kbs.attest", "workload.not_found", "workload was deleted", status=404, wid=wid, client=client
-            )
-        policy = self.service.policy_for(workload, report_data)
-        verdict = self.service.gate.verify(workload.tee, report, None, policy=policy, now=self.service.now())
-        if not verdict.ok:
-            ids = ",".join(verdict.failure_ids())
-            return self._refuse("kbs.attest", verdict.failures[0].id, ids, status=403, wid=wid, client=client)
-        session.key = key
-        session.state = "attested"
         self.service.decide(
-            "kbs.attest", "allow", "session.attested", workload_id=wid, client=client, tee=workload.tee
+            "kbs.attest", "allow", "session.attested", workload_id=wid, client=client, tee=tee
         )
         return Response(status_code=200)  # §4.4 4e: any non-empty body is failure to the guest
+
+    async def _attest(self, session: Session | None, body: bytes) -> tuple[str, str]:
+        """Verify the session's one attempt: (workload id, TEE type) on success, else AttestRefused."""
+        if session is None:
+            raise AttestRefused("session.unknown", "no valid session cookie", status=401)
+        if not self.sessions.transition(session, "new", "failed"):
+            raise AttestRefused("session.used", "this session already attested", status=401)
+        report, key, report_data = self._evidence(body, session)
+        workload = self.service.store.get_workload(session.workload_id)
+        if workload is None:
+            raise AttestRefused("workload.not_found", "workload was deleted", status=404)
+        policy, gate, now = (
+            self.service.policy_for(workload, report_data),
+            self.service.gate,
+            self.service.now(),
+        )
+        if gate.may_fetch(workload.tee, report, None):  # a VCEK from KDS: off the event loop
+            verdict = await run_in_threadpool(gate.verify, workload.tee, report, None, policy=policy, now=now)
+        else:
+            verdict = gate.verify(workload.tee, report, None, policy=policy, now=now)
+        if not verdict.ok:
+            raise AttestRefused(verdict.failures[0].id, ",".join(verdict.failure_ids()))
+        session.key = key
+        session.state = "attested"
+        return workload.workload_id, workload.tee
 
     def _evidence(self, raw: bytes, session: Session) -> tuple[bytes, rsa.RSAPublicKey, bytes]:
         data = _json_object(raw, "attest")
@@ -301,54 +297,32 @@ class KbsCompat:
 
     async def key(self, request: Request, key_id: str) -> Response:
         client = _client(request)
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        try:
+            ciphertext, tee = self._key(self.sessions.get(request.cookies.get(COOKIE)), key_id)
+        except AttestRefused as exc:
+            return self._refuse(
+                "kbs.key", exc.reason, exc.detail, status=exc.status, wid=key_id[:128], client=client
+            )
+        self.service.decide("kbs.key", "allow", "key.released", workload_id=key_id, client=client, tee=tee)
+        return Response(json.dumps(ciphertext.hex()), media_type="application/json")  # §4.4 4f: "<hex>"
+
+    def _key(self, session: Session | None, key_id: str) -> tuple[bytes, str]:
+        """The secret of `key_id` for an attested session of that very workload, once (§5's hole closed)."""
         if session is None or session.key is None:
-            return self._refuse(
-                "kbs.key",
-                "session.unknown",
-                "no attested session",
-                status=401,
-                wid=key_id[:128],
-                client=client,
-            )
+            raise AttestRefused("session.unknown", "no attested session", status=401)
         if key_id != session.workload_id:
-            return self._refuse(
-                "kbs.key",
-                "session.wrong_workload",
-                f"session attested for {session.workload_id}",
-                status=403,
-                wid=key_id[:128],
-                client=client,
-            )
+            raise AttestRefused("session.wrong_workload", f"session attested for {session.workload_id}")
         if not self.sessions.transition(session, "attested", "used"):
-            return self._refuse(
-                "kbs.key",
-                "session.used",
-                "key already fetched in this session",
-                status=401,
-                wid=key_id,
-                client=client,
-            )
+            raise AttestRefused("session.used", "key already fetched in this session", status=401)
         workload = self.service.store.get_workload(key_id)
         if workload is None:
-            return self._refuse(
-                "kbs.key", "workload.not_found", "workload was deleted", status=404, wid=key_id, client=client
-            )
+            raise AttestRefused("workload.not_found", "workload was deleted", status=404)
         try:
-            ciphertext = wrap.wrap_pkcs1v15(session.key, self.service.unseal(workload))
+            return wrap.wrap_pkcs1v15(session.key, self.service.unseal(workload)), workload.tee
         except AttestError:
-            return self._refuse(
-                "kbs.key",
-                "secret.too_long_for_key",
-                "secret does not fit the key",
-                status=400,
-                wid=key_id,
-                client=client,
-            )
-        self.service.decide(
-            "kbs.key", "allow", "key.released", workload_id=key_id, client=client, tee=workload.tee
-        )
-        return Response(json.dumps(ciphertext.hex()), media_type="application/json")  # §4.4 4f: "<hex>"
+            raise AttestRefused(
+                "secret.too_long_for_key", "secret does not fit the key", status=400
+            ) from None
 
     def router(self) -> APIRouter:
         router = APIRouter(prefix="/kbs/v0", include_in_schema=False)
