@@ -53,6 +53,7 @@ def _check(case: Any, server: Server) -> None:
         assert sent not in response.content
 
 
+@pytest.mark.slow
 def test_no_server_error_and_no_secret(server: Server) -> None:
     # schemathesis's pytest plugin does not load under pytest 9 yet ('Function' has no '_nodeid'), so the
     # strategies are driven by hypothesis directly: positive and negative cases for every operation.

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.integration.attest_support import Guest, new_server, registration
 
@@ -25,6 +26,7 @@ def secret(i: int) -> bytes:
     return hashlib.sha256(f"secret {i}".encode()).hexdigest().encode()
 
 
+@pytest.mark.slow
 def test_kill_9_during_registrations(tmp_path: Path) -> None:
     srv = new_server(tmp_path).start()
     acked: set[int] = set()
