@@ -1,6 +1,8 @@
 """Peak memory and time of `cwbuild rootfs` on a ~1 GiB image (an OCI layout made here with big random files).
 
-Usage: .venv/bin/python bench/rootfs_memory.py [--gib 1] [--workdir DIR]
+Usage: .venv/bin/python bench/rootfs_memory.py [--gib 1] [--workdir DIR] [--podman] [--uncompressed]
+With --podman the image is first copied into the local Podman store (skopeo) and read from there through the
+Podman REST API (export to a private spool file, then flattening).
 Prints the child's peak RSS (ru_maxrss) and wall time; flattening streams, so RSS must stay flat.
 """
 
@@ -76,14 +78,14 @@ def _write_json(layout: Path, doc: object) -> tuple[str, int]:
     return "sha256:" + digest, len(data)
 
 
-def make_image(layout: Path, total: int) -> None:
+def make_image(layout: Path, total: int, *, zstd: bool = True) -> None:
     (layout / "blobs" / "sha256").mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     quarter = total // 4
     specs = [
         ([("data/a.bin", quarter), ("data/b.bin", quarter)], False),
-        ([("data/c.bin", quarter), ("data/d.bin", quarter)], True),
-        ([(f"small/{i:05d}", 4096) for i in range(5000)], True),
+        ([("data/c.bin", quarter), ("data/d.bin", quarter)], zstd),
+        ([(f"small/{i:05d}", 4096) for i in range(5000)], zstd),
     ]
     layers, diff_ids = [], []
     for n, (files, compress) in enumerate(specs):
@@ -119,20 +121,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--podman", action="store_true", help="read the image from the Podman store")
+    parser.add_argument(
+        "--uncompressed", action="store_true", help="no zstd layers (Podman exports those slowly)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="cwbuild-bench-"))
     try:
-        make_image(work / "layout", int(args.gib * (1 << 30)))
+        make_image(work / "layout", int(args.gib * (1 << 30)), zstd=not args.uncompressed)
+        ref = f"oci:{work / 'layout'}"
+        if args.podman:
+            ref = "localhost/cwbuild-bench:latest"
+            copy = ["skopeo", "copy", "-q", f"oci:{work / 'layout'}", f"containers-storage:{ref}"]
+            subprocess.run(copy, check=True)
         start = time.monotonic()
-        subprocess.run(
-            [sys.executable, "-m", "cwbuild", "rootfs", f"oci:{work / 'layout'}", work / "out"], check=True
-        )
+        subprocess.run([sys.executable, "-m", "cwbuild", "rootfs", ref, work / "out"], check=True)
         elapsed = time.monotonic() - start
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         size = sum(f.stat().st_size for f in (work / "out").rglob("*") if f.is_file())
         print(f"rootfs of {size / (1 << 30):.2f} GiB: {elapsed:.1f} s, peak RSS {peak_kib / 1024:.1f} MiB")
     finally:
         shutil.rmtree(work)
+        if args.podman:
+            rmi = ["podman", "rmi", "-f", "localhost/cwbuild-bench:latest"]
+            subprocess.run(rmi, check=False, capture_output=True)
 
 
 if __name__ == "__main__":

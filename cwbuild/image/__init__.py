@@ -32,8 +32,8 @@ __all__ = [
 DEFAULT_PLATFORM = "linux/amd64"
 
 
-def _podman(ref: ImageRef, _platform: Platform, stack: ExitStack) -> Image:
-    return open_podman_image(ref.name, str(ref), stack)
+def _podman(ref: ImageRef, platform: Platform, stack: ExitStack) -> Image:
+    return open_podman_image(ref.name, str(ref), platform, stack)
 
 
 def _oci(ref: ImageRef, platform: Platform, _stack: ExitStack) -> Image:

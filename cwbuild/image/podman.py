@@ -6,13 +6,15 @@ If nothing answers there, cwbuild starts `podman system service --time=0` on a s
 for the duration of the command and stops it after.
 
 The image is exported once (`GET /images/{id}/get?format=docker-archive`, uncompressed layers, no
-recompression) into a private spool file — disk, not memory, since the archive lists its manifest after the
-layers — and then read like any docker-archive: the config's sha256 must equal the store's image id and every
+recompression; `oci-archive` for images with zstd layers, which Podman cannot write as docker-archive) into a
+private spool file — disk, not memory, since the archive lists its manifest after the layers — and then read
+like any archive: the config's sha256 must equal the store's image id and every
 layer's content must hash to the diff_id that `podman image inspect` reports (RootFS.Layers).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -21,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,8 +36,10 @@ from cwbuild import run
 from cwbuild.errors import ImageError, ToolError
 from cwbuild.image.blobs import CHUNK
 from cwbuild.image.docker import open_docker_archive
-from cwbuild.image.model import Image
-from cwbuild.image.oci import TarBlobs
+from cwbuild.image.model import Image, Platform
+from cwbuild.image.oci import TarBlobs, open_layout_archive
+
+log = logging.getLogger("cwbuild.image.podman")
 
 ROOT_SOCKET = "/run/podman/podman.sock"
 _START_TIMEOUT = 30.0
@@ -107,19 +112,16 @@ def _private_service() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def open_podman_image(name: str, ref: str, stack: ExitStack) -> Image:
+def open_podman_image(name: str, ref: str, platform: Platform, stack: ExitStack) -> Image:
     """Export `name` from the store into a private spool and open it; `stack` owns every resource."""
     client = stack.enter_context(podman_client())
     attrs = _inspect(client, name)
     image_id = str(attrs.get("Id", ""))
     spool_dir = Path(tempfile.mkdtemp(prefix="cwbuild-image-"))  # mode 0700
     stack.callback(shutil.rmtree, spool_dir, ignore_errors=True)
-    spool = spool_dir / "image.tar"
-    _export(client, image_id, spool)
-    blobs = TarBlobs(spool)
-    stack.callback(blobs.close)
+    image = _export_and_open(client, image_id, spool_dir, ref, platform, stack)
     digest = attrs.get("Digest")
-    image = open_docker_archive(blobs, ref, manifest_digest=digest if isinstance(digest, str) else None)
+    image = replace(image, manifest_digest=digest if isinstance(digest, str) else None)
     if image.id.removeprefix("sha256:") != image_id.removeprefix("sha256:"):
         raise ImageError(f"{ref}: exported config {image.id} is not the store's image {image_id}")
     rootfs = attrs.get("RootFS")
@@ -127,6 +129,24 @@ def open_podman_image(name: str, ref: str, stack: ExitStack) -> Image:
     if want != [layer.diff_id for layer in image.layers]:
         raise ImageError(f"{ref}: exported layers do not match the store's RootFS.Layers")
     return image
+
+
+def _export_and_open(
+    client: PodmanClient, image_id: str, spool_dir: Path, ref: str, platform: Platform, stack: ExitStack
+) -> Image:
+    """docker-archive first (layers as stored, uncompressed, no recompression); Podman cannot write an image
+    with zstd layers in that format, so then oci-archive (layers recompressed by Podman)."""
+    try:
+        spool = _export(client, image_id, spool_dir / "docker-archive.tar", "docker-archive")
+    except ImageError as exc:
+        log.debug("docker-archive export refused (%s); trying oci-archive", exc.message)
+        spool = _export(client, image_id, spool_dir / "oci-archive.tar", "oci-archive")
+        blobs = TarBlobs(spool)
+        stack.callback(blobs.close)
+        return open_layout_archive(blobs, None, platform, ref)
+    blobs = TarBlobs(spool)
+    stack.callback(blobs.close)
+    return open_docker_archive(blobs, ref)
 
 
 def _inspect(client: PodmanClient, name: str) -> dict[str, Any]:
@@ -143,14 +163,15 @@ def _inspect(client: PodmanClient, name: str) -> dict[str, Any]:
     return attrs
 
 
-def _export(client: PodmanClient, image_id: str, dest: Path) -> None:
+def _export(client: PodmanClient, image_id: str, dest: Path, fmt: str) -> Path:
     try:
         response = client.api.get(
-            f"/images/{quote(image_id, safe='')}/get", params={"format": "docker-archive"}, stream=True
+            f"/images/{quote(image_id, safe='')}/get", params={"format": fmt}, stream=True
         )
         response.raise_for_status()
         with dest.open("xb") as out:
             for chunk in response.iter_content(CHUNK):
                 out.write(chunk)
+        return dest
     except (APIError, PodmanError, OSError, requests.RequestException) as exc:
         raise ImageError(f"exporting {image_id[:12]} through the Podman API failed: {exc}") from exc

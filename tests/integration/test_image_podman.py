@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import cwbuild
 from tests.hostile import CASES, Refused, snapshot_tar
-from tests.imagekit import E, docker_archive, layer_tar
+from tests.imagekit import E, docker_archive, layer_tar, oci_layout
 from tests.integration.podman_env import Podman, full_tree_dir, full_tree_tar, hello_image, podman
 
 __all__ = ["hello_image", "podman"]  # fixtures
@@ -141,3 +142,26 @@ def test_private_service_when_none_listens(podman: Podman, hello_image: str, tmp
     assert b"podman system service" in proc.stderr  # started by cwbuild (logged at debug)
     assert json.loads(proc.stdout)["config"]["WorkingDir"] == "/srv/app"
     assert list(spool.iterdir()) == []  # socket directory and spool removed
+
+
+def test_store_image_with_zstd_layers(podman: Podman, tmp_path: Path) -> None:
+    """Podman cannot export an image whose layers are zstd as docker-archive; cwbuild falls back to
+    oci-archive and still checks the config digest and diff_ids against the store."""
+    layers = [layer_tar(layer) for layer in LAYERED[:2]]
+    oci_layout(tmp_path / "layout", layers, compression="zstd")
+    tag = "localhost/cwbuild-zstd:latest"
+    subprocess.run(
+        ["skopeo", "copy", "-q", f"oci:{tmp_path / 'layout'}:latest", f"containers-storage:{tag}"],
+        env={**os.environ, "CONTAINERS_STORAGE_CONF": podman.env["CONTAINERS_STORAGE_CONF"]},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    proc = cwbuild(["inspect", tag, "--json"], env=podman.env)
+    assert proc.returncode == 0, proc.stderr
+    inspect = json.loads(podman("image", "inspect", tag).stdout)[0]
+    assert [layer["diff_id"] for layer in json.loads(proc.stdout)["layers"]] == inspect["RootFS"]["Layers"]
+    proc = cwbuild(["--debug", "rootfs", tag, tmp_path / "ours"], env=podman.env)
+    assert proc.returncode == 0, proc.stderr
+    assert b"oci-archive" in proc.stderr  # the fallback was taken
+    _compare(tmp_path / "ours", podman.export(tag, tmp_path / "export.tar"))
