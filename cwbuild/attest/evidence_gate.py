@@ -10,13 +10,13 @@ policy path; only the signer differs. Each use of sim trust is logged loudly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cwbuild.attest.certsource import CertSource
-from cwbuild.attest.collateral import Collateral
+from cwbuild.attest.pcs_source import CollateralSource, PcsOptions
 from cwbuild.attest.policy import Policy
 from cwbuild.attest.snp import verify_snp
 from cwbuild.attest.snp_report import SnpReport
@@ -42,7 +42,7 @@ class EvidenceGate:
     certs: CertSource
     trust: TrustStore | None = None
     sim_key: ec.EllipticCurvePublicKey | None = None
-    tdx_collateral: Collateral | None = None
+    collateral: CollateralSource = field(default_factory=lambda: CollateralSource(PcsOptions(offline=True)))
 
     def verify(
         self, tee: str, evidence: bytes, table: bytes | None, *, policy: Policy, now: datetime
@@ -58,6 +58,8 @@ class EvidenceGate:
 
     def may_fetch(self, tee: str, evidence: bytes, table: bytes | None) -> bool:
         """Whether `verify` may fetch certificates over the network for this evidence."""
+        if tee == "tdx":
+            return self.collateral.may_fetch(evidence)
         if tee != "snp":
             return False
         try:
@@ -85,4 +87,5 @@ class EvidenceGate:
         return verify_snp(evidence, certs=certs, trust=self.trust, policy=policy, now=now)
 
     def _tdx(self, evidence: bytes, *, policy: Policy, now: datetime) -> Verdict:
-        return verify_tdx(evidence, trust=self.trust, collateral=self.tdx_collateral, policy=policy, now=now)
+        collateral = self.collateral.for_quote(evidence)
+        return verify_tdx(evidence, trust=self.trust, collateral=collateral, policy=policy, now=now)

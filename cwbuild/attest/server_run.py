@@ -25,6 +25,7 @@ from cwbuild.attest.collateral import Collateral
 from cwbuild.attest.evidence_gate import INSECURE_SIM_WARNING, EvidenceGate
 from cwbuild.attest.kbs_compat import DEFAULT_ALLOW, KbsCompat, parse_networks
 from cwbuild.attest.metrics import Metrics
+from cwbuild.attest.pcs_source import CollateralSource, PcsOptions
 from cwbuild.attest.ratelimit import Rate, RateLimiter
 from cwbuild.attest.server import DEFAULT_MAX_BODY, ServerOptions, create_app
 from cwbuild.attest.sim import load_sim_public_key
@@ -151,6 +152,9 @@ def build(config: ServeConfig) -> tuple[Any, Service]:
         except FormatError as exc:
             raise ConfigError(f"--insecure-sim-trust: {exc.message}") from None
         log.warning("%s (key from %s)", INSECURE_SIM_WARNING, config.insecure_sim_trust)
+    collateral = CollateralSource(
+        PcsOptions(fixed=load_collateral(config.tdx_collateral), offline=config.offline)
+    )
     certs = CertSource(
         CertOptions(cache_dir=Path(config.cert_cache) if config.cert_cache else None, offline=config.offline)
     )
@@ -159,9 +163,7 @@ def build(config: ServeConfig) -> tuple[Any, Service]:
         master_key=master_key,
         audit=Audit(Path(config.audit_log) if config.audit_log else None),
         metrics=Metrics(),
-        gate=EvidenceGate(
-            certs=certs, sim_key=sim_key, tdx_collateral=load_collateral(config.tdx_collateral)
-        ),
+        gate=EvidenceGate(certs=certs, sim_key=sim_key, collateral=collateral),
         limits=Limits(config.nonce_ttl, config.max_pending, config.max_pending_per_client),
         default_policy=config.default_policy,
     )

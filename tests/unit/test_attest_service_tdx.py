@@ -21,6 +21,7 @@ from cwbuild.attest.audit import Audit
 from cwbuild.attest.certsource import CertOptions, CertSource
 from cwbuild.attest.evidence_gate import EvidenceGate
 from cwbuild.attest.metrics import Metrics
+from cwbuild.attest.pcs_source import CollateralSource, PcsOptions
 from cwbuild.attest.server_run import ServeConfig, load_collateral, load_config
 from cwbuild.attest.store import open_store
 from cwbuild.attest.tdx import verify_tdx
@@ -34,7 +35,9 @@ T_PHALA = datetime(2025, 7, 1, tzinfo=UTC).timestamp()  # inside the collateral 
 def service(tmp_path: Path) -> Service:
     gate = EvidenceGate(
         certs=CertSource(CertOptions(offline=True)),
-        tdx_collateral=load_collateral(str(TDX / "phala_v4_quote_collateral.json")),
+        collateral=CollateralSource(
+            PcsOptions(fixed=load_collateral(str(TDX / "phala_v4_quote_collateral.json")))
+        ),
     )
     return Service(
         store=open_store(tmp_path / "s.db"),
