@@ -17,6 +17,9 @@ from collections import deque
 
 #: Linux's MAXSYMLINKS (include/linux/namei.h): more symlinks than this in one lookup is ELOOP.
 MAX_SYMLINKS = 40
+#: Directory nesting cwbuild handles (one open descriptor and one stack frame per level while walking or
+#: removing). Podman has no such bound below PATH_MAX; deeper layers are refused with a clear error.
+MAX_DEPTH = 512
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -79,6 +82,10 @@ class Root:
                     continue
                 if not stat.S_ISDIR(st.st_mode):
                     raise ResolveError(errno.ENOTDIR, name)
+                if len(stack) >= MAX_DEPTH:
+                    raise ResolveError(
+                        errno.ENAMETOOLONG, f"more than {MAX_DEPTH} directory levels at {name}"
+                    )
                 stack.append(os.open(name, _DIR_FLAGS, dir_fd=cur))
             return os.dup(stack[-1] if stack else self.fd)
         finally:

@@ -40,7 +40,7 @@ from typing import BinaryIO, Self
 
 from cwbuild.errors import CwbuildError, LayerError, UsageError
 from cwbuild.image.blobs import CHUNK
-from cwbuild.image.fsops import KeepMtime, ResolveError, Root, lstat_at, remove_all, rooted
+from cwbuild.image.fsops import MAX_DEPTH, KeepMtime, ResolveError, Root, lstat_at, remove_all, rooted
 from cwbuild.image.model import Image
 
 log = logging.getLogger("cwbuild.image.rootfs")
@@ -213,6 +213,8 @@ class _Entry:
             raise LayerError(f"entry name or link target longer than {PATH_MAX} bytes: {member.name[:80]!r}")
         self.tar, self.m, self.root, self.state, self.unpacked = tar, member, root, state, unpacked
         self.comps = rooted(member.name)
+        if len(self.comps) > MAX_DEPTH:
+            raise LayerError(f"entry {member.name[:80]!r}… is nested deeper than {MAX_DEPTH} directories")
 
     def apply(self) -> bool:
         """Apply the entry; True if it created or updated something (not a whiteout or skipped name)."""

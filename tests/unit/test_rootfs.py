@@ -116,3 +116,36 @@ def test_cli_rootfs_failure_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert b"'h'" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_depth_bound(tmp_path: Path) -> None:
+    deep = "/".join(["d"] * 500) + "/f"
+    oci_layout(tmp_path / "ok", [layer_tar([E(deep, data=b"x")])])
+    with open_image(f"oci:{tmp_path / 'ok'}") as image:
+        flatten(image, tmp_path / "out")
+    assert (tmp_path / "out" / deep).read_bytes() == b"x"
+    too_deep = "/".join(["d"] * 600) + "/f"
+    oci_layout(tmp_path / "deep", [layer_tar([E(too_deep, data=b"x")])])
+    with open_image(f"oci:{tmp_path / 'deep'}") as image, pytest.raises(LayerError, match="deeper than 512"):
+        flatten(image, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    # deeper through a symlink: the walk refuses to go past the bound
+    link = "/".join(["d"] * 400)
+    oci_layout(
+        tmp_path / "via",
+        [
+            layer_tar(
+                [
+                    E(link + "/x", data=b"x"),
+                    E("l", kind="symlink", link=link),
+                    E("l/" + "/".join(["e"] * 200) + "/f", data=b"y"),
+                ]
+            )
+        ],
+    )
+    with (
+        open_image(f"oci:{tmp_path / 'via'}") as image,
+        pytest.raises(LayerError, match="512 directory levels"),
+    ):
+        flatten(image, tmp_path / "out3")
+    assert not (tmp_path / "out3").exists()
