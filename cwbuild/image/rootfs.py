@@ -28,6 +28,7 @@ owners cannot be kept: every file belongs to the caller, and the result carries 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import shutil
@@ -120,6 +121,8 @@ def apply_layer(stream: BinaryIO, root: Root, state: _State, *, what: str) -> No
     """Apply one uncompressed layer tar, read as a stream (memory stays flat)."""
     unpacked: set[str] = set()
     dirs: list[list[str]] = []
+    if isinstance(stream, io.BufferedReader) and not stream.peek(1):
+        return  # an empty layer: Go's archive/tar reads it as an archive without entries
     try:
         tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo)  # noqa: SIM115 - closed below
     except tarfile.TarError as exc:

@@ -149,3 +149,12 @@ def test_depth_bound(tmp_path: Path) -> None:
     ):
         flatten(image, tmp_path / "out3")
     assert not (tmp_path / "out3").exists()
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_empty_layers(compression: str, tmp_path: Path) -> None:
+    """A 0-byte layer and a tar holding only its end marker are both empty layers (Go's archive/tar)."""
+    oci_layout(tmp_path / "l", [b"", layer_tar([E("f", data=b"x")]), layer_tar([])], compression=compression)
+    with open_image(f"oci:{tmp_path / 'l'}") as image:
+        flatten(image, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["f"]
