@@ -1,0 +1,128 @@
+"""Build steps every target shares: read the inputs, flatten the image, make the filesystem, encrypt it."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from pathlib import Path
+
+from cwbuild.attest import wrap
+from cwbuild.build import BuildContext, StepArtifact, file_artifact, sha256_file
+from cwbuild.config import BuildTarget
+from cwbuild.disk.fs import FsSpec, make_filesystem
+from cwbuild.disk.kdf import KdfSpec, KdfType, default_kdf
+from cwbuild.disk.luks import LuksFormat, LuksSpec, encrypt_image
+from cwbuild.errors import SecretFileError, UsageError
+from cwbuild.image import open_image
+from cwbuild.image.rootfs import flatten
+from cwbuild.secrets import read_passphrase_file, read_token_file
+
+#: DESIGN.md "The key is random": 32 random bytes, hex (buildah's default too, cw-format.md §1.2 step 8).
+GENERATED_PASSPHRASE_BYTES = 32
+#: A CA file for the guest is a few certificates, never megabytes.
+MAX_CA_BYTES = 256 * 1024
+#: krun's guest sends the passphrase RSA-PKCS#1-v1.5-encrypted to a 2048-bit key: at most 245 ASCII bytes
+#: (cw-format.md §8 "Passphrase: ASCII, no NUL or newline, <= 245 bytes").
+KRUN_MAX_PASSPHRASE = 245
+DISK_IMG = "disk.img"
+
+
+def check_inputs(ctx: BuildContext) -> StepArtifact | None:
+    """Read the secret files and the CA, and check what can be checked before any work."""
+    spec = ctx.spec
+    if spec.passphrase_file is not None:
+        ctx.passphrase = read_passphrase_file(spec.passphrase_file)
+    else:
+        ctx.passphrase = secrets.token_hex(GENERATED_PASSPHRASE_BYTES).encode()
+        ctx.passphrase_generated = True
+    if not ctx.passphrase:
+        raise SecretFileError("the passphrase file is empty")
+    if spec.attestation_url is not None and len(ctx.passphrase) > wrap.MAX_SECRET_V1:
+        raise SecretFileError(
+            f"the passphrase is {len(ctx.passphrase)} bytes; "
+            f"the endpoint releases at most {wrap.MAX_SECRET_V1}"
+        )
+    if spec.target is BuildTarget.KRUN:
+        _check_krun_passphrase(ctx.passphrase)
+    if spec.register_token_file is not None:
+        ctx.token = read_token_file(spec.register_token_file)
+    if spec.attestation_ca is not None:
+        ctx.ca_pem = _read_ca(spec.attestation_ca)
+    return None
+
+
+def _check_krun_passphrase(passphrase: bytes) -> None:
+    if len(passphrase) > KRUN_MAX_PASSPHRASE or not all(0x20 <= b < 0x7F for b in passphrase):
+        raise SecretFileError(
+            f"a krun guest takes a printable ASCII passphrase of at most {KRUN_MAX_PASSPHRASE} bytes"
+        )
+
+
+def _read_ca(path: Path) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CA_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read --attestation-ca {path}: {exc.strerror}") from None
+    if len(data) > MAX_CA_BYTES or b"-----BEGIN CERTIFICATE-----" not in data:
+        raise UsageError(f"--attestation-ca {path} is not a PEM certificate file")
+    return data
+
+
+def flatten_image(ctx: BuildContext) -> StepArtifact | None:
+    """The image's layers applied in order into the private work directory."""
+    image = ctx.stack.enter_context(open_image(ctx.spec.image, platform=ctx.spec.platform))
+    result = flatten(image, ctx.work / "rootfs")
+    ctx.facts["image"] = {
+        "ref": image.ref,
+        "id": image.id,
+        "manifest_digest": image.manifest_digest,
+        "platform": str(image.platform),
+        "created": image.created,
+        "layers": [{"digest": ly.digest, "diff_id": ly.diff_id, "size": ly.size} for ly in image.layers],
+        "skipped_devices": list(result.skipped_devices),
+    }
+    ctx.facts["image_config"] = image.runtime_config
+    return StepArtifact("rootfs", None, result.bytes, {"entries": result.entries})
+
+
+def make_fs(ctx: BuildContext) -> StepArtifact | None:
+    """The reproducible ext4 image (plaintext, in the work directory); the rootfs is removed after."""
+    image = ctx.facts["image"]
+    epoch = FsSpec.epoch_from_created(image["created"])
+    ctx.facts["source_date_epoch"] = epoch
+    spec = FsSpec(
+        image_digest=image["id"],
+        source_date_epoch=epoch,
+        config=ctx.facts["image_config"],
+        slop=ctx.spec.slop,
+    )
+    fs = make_filesystem(ctx.work / "rootfs", ctx.work / "fs.img", spec=spec)
+    shutil.rmtree(ctx.work / "rootfs")
+    sha = fs.sha256 or sha256_file(fs.path)
+    ctx.facts["filesystem"] = {"sha256": sha, "size": fs.size, "type": "ext4"}
+    return StepArtifact("ext4 (plaintext, not kept)", sha, fs.size)
+
+
+def luks_spec(ctx: BuildContext) -> LuksSpec:
+    """LUKS2/4096 by default, LUKS1 for krun; KDF by DESIGN.md (cheap for random, argon2id for chosen)."""
+    fmt = LuksFormat(ctx.spec.luks_format)
+    if fmt is LuksFormat.LUKS1:
+        return LuksSpec(fmt, 512, KdfSpec(KdfType.PBKDF2))
+    kdf = default_kdf(generated_passphrase=ctx.passphrase_generated, guest_memory_mib=ctx.spec.memory_mib)
+    return LuksSpec(fmt, 4096, kdf)
+
+
+def encrypt_disk(ctx: BuildContext) -> StepArtifact | None:
+    """disk.img in the stage: LUKS of the ext4 image (+ the krun footer for --target krun)."""
+    spec = luks_spec(ctx)
+    footer = ctx.facts.get("krun_config_json")
+    plain = ctx.work / "fs.img"
+    encrypt_image(plain, ctx.stage / DISK_IMG, spec=spec, passphrase=ctx.passphrase, krun_footer=footer)
+    plain.unlink()
+    ctx.facts["disk"] = {
+        "format": spec.format.value,
+        "sector_size": spec.sector_size,
+        "kdf": spec.kdf.describe(),
+    }
+    return file_artifact(ctx, DISK_IMG, format=spec.format.value)

@@ -1,0 +1,290 @@
+"""`cwbuild build` on the example image, checked with tools that are not cwbuild:
+
+- real `cryptsetup open --test-passphrase` opens disk.img with the passphrase (and refuses another);
+- the decrypted filesystem, loop-mounted by the kernel, holds exactly `podman export` of the same image
+  (entry by entry: type, mode, owner, size, content, link, mtime, user xattrs) plus cwbuild's two config
+  files and mkfs's lost+found;
+- measurement.json equals `cwbuild measure` on the bundle's files and, for SNP, `sev-snp-measure` (virtee);
+- two builds with the same --workload-id and SOURCE_DATE_EPOCH give byte-identical initrd.img and
+  measurement.json, and so does a build from a kit carried through `kit export` / `kit import`;
+- the workload is registered with a real `cwbuild serve`, and a failure after registration deletes it again;
+  failures leave no bundle and no private directory behind;
+- --tag stores the bundle in Podman (REST API) as a single-layer image with labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cwbuild.boot.kit import latest
+from tests.conftest import cwbuild
+from tests.integration.attest_support import Server, new_server
+from tests.integration.build_support import ADDED, KIT_CACHE, build, hidden_dirs, passphrase_file
+from tests.integration.podman_env import Podman, full_tree_dir, full_tree_tar, hello_image, podman
+from tests.kits import cached_kit
+
+__all__ = ["hello_image", "podman"]  # fixtures
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WORKLOAD_ID = "0123456789abcdef0123456789abcdef"
+TAG = "localhost/cwbuild-hello-bundle:test"
+CPUS = 2
+
+
+@dataclass(frozen=True)
+class Built:
+    root: Path
+    passfile: Path
+    secret: bytes
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, podman: Podman, hello_image: str) -> Built:
+    cached_kit()
+    work = tmp_path_factory.mktemp("build")
+    passfile, secret = passphrase_file(work / "secret")
+    args: list[str | Path] = [hello_image, "-o", work / "a", "--tee", "sim", "--memory", "512"]
+    args += ["--workload-id", WORKLOAD_ID, "--passphrase-file", passfile, "--tag", TAG]
+    proc = build(args, env=podman.env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return Built(work / "a", passfile, secret, proc.stderr.decode())
+
+
+def test_bundle_layout(bundle: Built) -> None:
+    names = sorted(p.relative_to(bundle.root).as_posix() for p in bundle.root.rglob("*"))
+    assert names == [
+        "disk.img",
+        "firmware",
+        "firmware/OVMF.amdsev.fd",
+        "initrd.img",
+        "launch",
+        "launch/libvirt.xml",
+        "launch/qemu.sh",
+        "manifest.json",
+        "measurement.json",
+        "vmlinuz",
+    ]
+    manifest = json.loads((bundle.root / "manifest.json").read_text())
+    assert manifest["workload_id"] == WORKLOAD_ID
+    assert manifest["development_only"] is True
+    assert manifest["launch"]["tee"] == "sim"
+    steps = {s["step"]: s for s in manifest["steps"]}
+    for rel in ("disk.img", "initrd.img", "vmlinuz", "measurement.json"):
+        recorded = next(s for s in steps.values() if s.get("path") == rel)
+        assert recorded["sha256"] == hashlib.sha256((bundle.root / rel).read_bytes()).hexdigest()
+    assert bundle.secret.decode() not in (bundle.root / "manifest.json").read_text()
+    assert bundle.secret.decode() not in bundle.stderr
+    assert hidden_dirs(bundle.root.parent) == []
+
+
+def test_disk_opens_with_cryptsetup(bundle: Built, tmp_path: Path) -> None:
+    disk = bundle.root / "disk.img"
+    ok = subprocess.run(
+        ["cryptsetup", "open", "--test-passphrase", "--key-file", bundle.passfile, disk], check=False
+    )
+    assert ok.returncode == 0
+    wrong, _ = passphrase_file(tmp_path, b"not the passphrase")
+    bad = subprocess.run(
+        ["cryptsetup", "open", "--test-passphrase", "--key-file", wrong, disk],
+        check=False,
+        capture_output=True,
+    )
+    assert bad.returncode != 0
+    dump = subprocess.run(["cryptsetup", "luksDump", disk], check=True, capture_output=True, text=True).stdout
+    version = next(line.split(":", 1)[1].strip() for line in dump.splitlines() if line.startswith("Version:"))
+    assert version == "2"
+
+
+def test_disk_holds_exactly_the_image_files(
+    bundle: Built, podman: Podman, hello_image: str, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain.img"
+    proc = cwbuild(["disk", "decrypt", bundle.root / "disk.img", plain, "--passphrase-file", bundle.passfile])
+    assert proc.returncode == 0, proc.stderr.decode()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", plain, mnt], check=True)
+    try:
+        got, got_groups = full_tree_dir(mnt)
+        config = json.loads((mnt / ".krun_config.json").read_text())
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    want, want_groups, devices = full_tree_tar(podman.export(hello_image, tmp_path / "export.tar"))
+    assert devices == []
+    assert set(got) - set(want) == ADDED
+    assert set(want) <= set(got)
+    for path in want:
+        assert got[path] == want[path], path
+    assert got_groups == want_groups
+    assert config["Entrypoint"] == ["/usr/local/bin/hello"]
+    assert "GREETING=hello from a confidential workload" in config["Env"]
+
+
+def test_measurement_equals_independent_computations(bundle: Built) -> None:
+    check = cwbuild(["measure", "--bundle", bundle.root])
+    assert check.returncode == 0, check.stderr.decode()
+    doc = json.loads((bundle.root / "measurement.json").read_text())
+    recorded = doc["measurements"]["snp"]["measurement"]
+    files = {
+        "--firmware": bundle.root / "firmware/OVMF.amdsev.fd",
+        "--kernel": bundle.root / "vmlinuz",
+        "--initrd": bundle.root / "initrd.img",
+    }
+    args = [a for k, v in files.items() for a in (k, str(v))]
+    ours = cwbuild(
+        ["measure", "--tee", "snp", *args, "--cmdline", doc["cmdline"], "--cpus", str(CPUS), "--json"]
+    )
+    assert ours.returncode == 0, ours.stderr.decode()
+    assert json.loads(ours.stdout)["measurement"] == recorded
+    peer = Path(sys.executable).with_name("sev-snp-measure")
+    assert peer.exists(), "sev-snp-measure (dev extra) missing: run scripts/setup.sh"
+    virtee = subprocess.run(
+        [
+            peer, "--mode", "snp", "--vcpus", str(CPUS), "--vcpu-type", "EPYC-v4",
+            "--ovmf", files["--firmware"], "--kernel", files["--kernel"], "--initrd", files["--initrd"],
+            "--append", doc["cmdline"], "--guest-features", "0x1",
+        ],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert virtee.stdout.strip() == recorded
+
+
+def _same(a: Path, b: Path) -> None:
+    for name in ("initrd.img", "measurement.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_rebuild_and_kit_round_trip_are_byte_identical(
+    bundle: Built, podman: Podman, hello_image: str, tmp_path: Path
+) -> None:
+    again = tmp_path / "again"
+    proc = build(
+        [hello_image, "-o", again, "--tee", "sim", "--memory", "512", "--workload-id", WORKLOAD_ID,
+         "--passphrase-file", bundle.passfile],
+        env=podman.env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    _same(bundle.root, again)
+    assert (bundle.root / "disk.img").read_bytes() != (again / "disk.img").read_bytes()  # fresh LUKS keys
+    kit = latest(KIT_CACHE, "trixie")
+    assert kit is not None
+    archive = tmp_path / "kit.tar.zst"
+    assert cwbuild(["kit", "export", "--cache", KIT_CACHE, "--kit", kit.id, archive]).returncode == 0
+    other = tmp_path / "cache"
+    assert cwbuild(["kit", "import", "--cache", other, archive]).returncode == 0
+    moved = tmp_path / "moved"
+    proc = build(
+        [hello_image, "-o", moved, "--tee", "sim", "--memory", "512", "--workload-id", WORKLOAD_ID,
+         "--passphrase-file", bundle.passfile],
+        env=podman.env, kit_cache=other,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    _same(bundle.root, moved)
+
+
+def test_tag_stores_a_single_layer_image(bundle: Built, podman: Podman) -> None:
+    info = json.loads(podman("image", "inspect", TAG).stdout)[0]
+    assert len(info["RootFS"]["Layers"]) == 1
+    labels = info["Labels"]
+    doc = json.loads((bundle.root / "measurement.json").read_text())
+    assert labels["org.cwbuild.workload-id"] == WORKLOAD_ID
+    assert labels["org.cwbuild.measurement.snp"] == doc["measurements"]["snp"]["measurement"]
+    assert labels["org.cwbuild.development-only"] == "true"
+
+
+# --- registration and failures ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = new_server(tmp_path_factory.mktemp("server")).start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+def _workload(server: Server, wid: str) -> httpx.Response:
+    return httpx.get(f"{server.url}/v1/workloads/{wid}", headers=server.admin(), timeout=10)
+
+
+def test_registers_the_measurement(server: Server, podman: Podman, hello_image: str, tmp_path: Path) -> None:
+    passfile, _ = passphrase_file(tmp_path / "s")
+    out = tmp_path / "reg"
+    args: list[str | Path] = [hello_image, "-o", out, "--tee", "sim", "--memory", "512"]
+    args += ["--attestation-url", server.url, "--register-token-file", server.workdir / "token"]
+    args += ["--workload-id", "reg-ok", "--passphrase-file", passfile, "--json"]
+    proc = build(args, env=podman.env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout)
+    assert result["registered"] is True
+    assert result["development_only"] is False
+    stored = _workload(server, "reg-ok")
+    assert stored.status_code == 200
+    doc = json.loads((out / "measurement.json").read_text())
+    assert stored.json()["reference_values"] == [doc["measurements"]["snp"]["measurement"]]
+    assert stored.json()["tee"] == "sim"
+
+
+def test_failure_after_registration_rolls_it_back(
+    server: Server, podman: Podman, hello_image: str, tmp_path: Path
+) -> None:
+    passfile, _ = passphrase_file(tmp_path / "s")
+    out = tmp_path / "out" / "bundle"
+    out.parent.mkdir()
+    args: list[str | Path] = [hello_image, "-o", out, "--tee", "sim", "--memory", "512"]
+    args += ["--attestation-url", server.url, "--register-token-file", server.workdir / "token"]
+    args += ["--workload-id", "reg-rollback", "--passphrase-file", passfile]
+    args += ["--tag", "localhost/Upper-Case-Is-Refused-By-Podman:x"]  # the step after registration fails
+    proc = build(args, env=podman.env)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert "storing the bundle image" in proc.stderr.decode()
+    assert _workload(server, "reg-rollback").status_code == 404
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "extra"),
+    [
+        (
+            "unreachable endpoint",
+            ["--attestation-url", "http://127.0.0.1:9", "--register-token-file", "TOKEN"],
+        ),
+        ("bad image", ["--passphrase-file", "PASS"]),
+    ],
+)
+def test_failures_leave_nothing_behind(
+    case: str, extra: list[str], podman: Podman, hello_image: str, server: Server, tmp_path: Path
+) -> None:
+    passfile, _ = passphrase_file(tmp_path / "s")
+    out = tmp_path / "out" / "bundle"
+    out.parent.mkdir()
+    image = "oci-archive:" + str(tmp_path / "missing.tar") if case == "bad image" else hello_image
+    swap = {"TOKEN": str(server.workdir / "token"), "PASS": str(passfile)}
+    args: list[str | Path] = [image, "-o", out, "--tee", "sim", *(swap.get(a, a) for a in extra)]
+    if case != "bad image":
+        args += ["--passphrase-file", passfile]
+    proc = build(args, env=podman.env)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
+    assert list(out.parent.iterdir()) == []
+
+
+def test_usage_errors_before_any_work(tmp_path: Path) -> None:
+    proc = cwbuild(["build", "localhost/x", "--tee", "snp", "--type", "snp", "-o", tmp_path / "o"])
+    assert proc.returncode == 2
+    assert b"--tee or --type" in proc.stderr
+    proc = cwbuild(["build", "localhost/x", "-o", tmp_path / "o"])
+    assert proc.returncode == 2
+    assert b"--passphrase-file" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
