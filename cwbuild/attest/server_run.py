@@ -62,6 +62,7 @@ class ServeConfig:
     default_policy: Mapping[str, Any] = field(default_factory=dict)
     access_log: bool = False
     tdx_collateral: str | None = None
+    max_connections: int = 1000
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServeConfig:
@@ -213,6 +214,7 @@ def serve(config: ServeConfig) -> None:
         ssl_certfile=config.tls_cert,
         ssl_keyfile=config.tls_key,
         timeout_keep_alive=5,
+        limit_concurrency=config.max_connections,  # beyond this uvicorn answers 503 instead of queueing
         server_header=False,
     )
     try:

@@ -143,3 +143,19 @@ def test_python_api_and_rollback(server: Server) -> None:
     assert missing.value.reason == "workload.not_found"
     with pytest.raises(NetworkError):
         register_workload("https://127.0.0.1:1", server.token, reg, server.ca, False, timeout=2, retries=1)
+
+
+def test_policy_file(server: Server) -> None:
+    assert server.ca is not None
+    policy = server.workdir / "policy.yaml"
+    policy.write_text("debug: false\nmin_tcb:\n  Milan: {bl: 3, snp: 8}\n")
+    args = [*register_args(server, "cli-policy"), "--ca-file", str(server.ca), "--json"]
+    result = cwbuild([*args, "--policy", str(policy)], timeout=60)
+    assert result.returncode == 0, result.stderr
+    stored = json.loads(result.stdout)["policy"]
+    assert set(stored) == {"debug", "min_tcb"}
+    assert stored["min_tcb"]["Milan"]["snp"] == 8
+    policy.write_text("debugg: true\n")
+    bad = cwbuild([*args, "--policy", str(policy)], timeout=60)
+    assert bad.returncode == 2
+    assert b"debugg" in bad.stderr
