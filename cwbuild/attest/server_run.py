@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import sys
 from collections.abc import Mapping
@@ -195,6 +196,7 @@ def serve(config: ServeConfig) -> None:
     import uvicorn  # noqa: PLC0415 - only the server needs it
 
     plain_logging()
+    os.umask(0o077)  # the database, its WAL and the cert cache are private to the service user
     host, port = split_listen(config.listen)
     _check(config, host)
     app, service = build(config)

@@ -262,3 +262,8 @@ def test_refuses_to_start_unsafely(tmp_path: Path) -> None:
     result = cwbuild(argv, timeout=60)
     assert result.returncode == 1
     assert b"group or others" in result.stderr
+
+
+def test_state_files_are_private(server: Server, workload: str) -> None:
+    for name in ("attest.db", "attest.db-wal", "audit.log"):
+        assert (server.workdir / name).stat().st_mode & 0o077 == 0, name
