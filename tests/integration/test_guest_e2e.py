@@ -1,0 +1,258 @@
+"""End to end: a sim bundle boots under QEMU TCG (`cwbuild run --tee sim`), the guest agent attests to a real
+`cwbuild serve` over TLS (the endpoint on 127.0.0.1 is 10.0.2.2 to the guest), gets the disk key, the kernel's
+dm-crypt opens the LUKS disk, switch_root, and the image's entrypoint runs with its Env, WorkingDir and User;
+`cwbuild run` exits with the entrypoint's status. The expected values come from the image config itself and
+from the endpoint's audit log; the console and logs are grepped for the secret."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cwbuild.attest.api import Registration
+from cwbuild.attest.client import register_workload
+from cwbuild.boot.kit import Kit
+from cwbuild.disk.luks import LuksFormat, read_header
+from tests.conftest import cwbuild
+from tests.integration.guest_support import (
+    GUEST_HOST,
+    EndpointCA,
+    TlsServer,
+    Workload,
+    make_bundle,
+    make_ca,
+    random_passphrase,
+    tls_server,
+)
+from tests.kits import cached_kit
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
+
+ENTRY = b"""#!/bin/sh
+echo "workload says: greeting=$GREETING cwd=$(pwd) uid=$(id -u) gid=$(id -g) home=$HOME args=$*"
+exit 3
+"""
+WORKLOAD = Workload(
+    config={
+        "Entrypoint": ["/app/entry.sh"],
+        "Cmd": ["one", "two words"],
+        "Env": ["PATH=/bin", "GREETING=hello from the image"],
+        "WorkingDir": "/srv/data",
+        "User": "app",
+    },
+    files={"app/entry.sh": (ENTRY, 0o755)},
+)
+EXPECTED_LINE = (
+    "workload says: greeting=hello from the image cwd=/srv/data uid=1000 gid=1000 home=/home/app"
+    " args=one two words"
+)
+MILESTONES = ["attested", "key released", "disk opened", "switch_root"]
+RUN_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def kit() -> Kit:
+    return cached_kit()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> EndpointCA:
+    return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, ca: EndpointCA) -> Iterator[TlsServer]:
+    srv = tls_server(tmp_path_factory.mktemp("serve"), ca)
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def _agent_lines(console: str) -> list[str]:
+    return [ln.strip() for ln in console.splitlines() if ln.strip().startswith("cwbuild-agent:")]
+
+
+@dataclass
+class Booted:
+    status: int
+    console: str
+    stderr: str
+    secret: bytes
+
+    @property
+    def lines(self) -> list[str]:
+        return _agent_lines(self.console)
+
+    def refused_with(self, reason: str) -> None:
+        """One error line naming `reason`, and nothing unlocked."""
+        errors = [ln for ln in self.lines if ln.startswith("cwbuild-agent: error:")]
+        assert len(errors) == 1, self.console[-3000:]
+        assert errors[0].startswith(f"cwbuild-agent: error: {reason}: "), errors
+        unlocked = re.compile(r"cwbuild-agent: (key released|disk opened|switch_root|exit \d+)")
+        assert not any(unlocked.fullmatch(ln) for ln in self.lines), self.lines
+        assert self.status == 1
+        assert reason in self.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bundle(
+    kit: Kit,
+    ca_pem: bytes,
+    tmp: Path,
+    *,
+    workload_id: str,
+    port: int,
+    luks: LuksFormat = LuksFormat.LUKS2,
+) -> tuple[Path, str, bytes]:
+    secret = random_passphrase()
+    bundle = tmp / "bundle"
+    url = f"https://{GUEST_HOST}:{port}"
+    measurement = make_bundle(
+        kit,
+        bundle,
+        url=url,
+        ca_pem=ca_pem,
+        workload_id=workload_id,
+        passphrase=secret,
+        workload=WORKLOAD,
+        luks=luks,
+    )
+    return bundle, measurement, secret
+
+
+def _register(server: TlsServer, ca: EndpointCA, workload_id: str, measurement: str, secret: bytes) -> None:
+    reg = Registration.build(
+        workload_id=workload_id, tee="sim", reference_values=[measurement], policy={}, secret=secret
+    )
+    register_workload(server.url, server.token, reg, ca_file=ca.ca_pem)
+
+
+def _run(server: TlsServer, bundle: Path, secret: bytes, tmp: Path) -> Booted:
+    key = server.sim_key_pem(tmp / "sim.key")
+    log = tmp / "console.log"
+    argv = ["run", str(bundle), "--tee", "sim", "--accel", "tcg", "--sim-key", str(key), "--log", str(log)]
+    started = time.monotonic()
+    proc = cwbuild([*argv, "--timeout", str(RUN_TIMEOUT)], timeout=RUN_TIMEOUT + 60)
+    print(f"boot to end under TCG: {time.monotonic() - started:.1f} s")
+    booted = Booted(proc.returncode, log.read_text("utf-8", "replace"), proc.stderr.decode(), secret)
+    for text in (booted.console, booted.stderr, server.logs().decode("utf-8", "replace")):
+        assert secret.decode() not in text  # the passphrase is hex text: grep for it as such
+    return booted
+
+
+def _boot(
+    kit: Kit,
+    server: TlsServer,
+    ca: EndpointCA,
+    tmp: Path,
+    *,
+    workload_id: str,
+    luks: LuksFormat = LuksFormat.LUKS2,
+) -> Booted:
+    bundle, measurement, secret = _bundle(
+        kit, ca.ca_pem.read_bytes(), tmp, workload_id=workload_id, port=server.port, luks=luks
+    )
+    _register(server, ca, workload_id, measurement, secret)
+    return _run(server, bundle, secret, tmp)
+
+
+def _attest_reasons(server: TlsServer, workload_id: str) -> list[str]:
+    return [
+        e["reason"] for e in server.audit() if e.get("workload_id") == workload_id and e["event"] == "attest"
+    ]
+
+
+@pytest.mark.parametrize("luks", [LuksFormat.LUKS2, LuksFormat.LUKS1])
+def test_sim_guest_attests_unlocks_and_runs_the_entrypoint(
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path, luks: LuksFormat
+) -> None:
+    wid = f"e2e-ok-{luks}"
+    booted = _boot(kit, server, ca, tmp_path, workload_id=wid, luks=luks)
+    done = [ln.removeprefix("cwbuild-agent: ") for ln in booted.lines]
+    assert done[-6:] == [f"starting (workload {wid}, tee sim)", *MILESTONES, "exit 3"], booted.console[-4000:]
+    assert EXPECTED_LINE in booted.console
+    assert booted.status == 3, booted.stderr
+    assert _attest_reasons(server, wid) == ["key.released"]
+
+
+def test_wrong_measurement_is_refused_and_the_disk_stays_closed(
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path
+) -> None:
+    bundle, _, secret = _bundle(
+        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id="e2e-wrong", port=server.port
+    )
+    _register(server, ca, "e2e-wrong", "00" * 48, secret)
+    booted = _run(server, bundle, secret, tmp_path)
+    booted.refused_with("snp.measurement_mismatch")
+    assert "attestation refused (HTTP 403)" in booted.lines[-1]
+    assert _attest_reasons(server, "e2e-wrong") == ["snp.measurement_mismatch"]
+
+
+def test_initrd_modified_after_the_build_is_refused(
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path
+) -> None:
+    bundle, measurement, secret = _bundle(
+        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id="e2e-initrd", port=server.port
+    )
+    _register(server, ca, "e2e-initrd", measurement, secret)
+    with (bundle / "initrd.img").open("ab") as f:
+        f.write(bytes(4096))  # zero padding between cpio archives is legal: the guest boots the same
+    booted = _run(server, bundle, secret, tmp_path)
+    booted.refused_with("snp.measurement_mismatch")
+    assert _attest_reasons(server, "e2e-initrd") == ["snp.measurement_mismatch"]
+
+
+def test_corrupted_keyslot_fails_to_unlock(
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path
+) -> None:
+    bundle, measurement, secret = _bundle(
+        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id="e2e-keyslot", port=server.port
+    )
+    _register(server, ca, "e2e-keyslot", measurement, secret)
+    slot = read_header(bundle / "disk.img").keyslots[0]
+    with (bundle / "disk.img").open("r+b") as f:
+        f.seek(slot.area_offset)
+        f.write(bytes(slot.material_size))
+    booted = _run(server, bundle, secret, tmp_path)
+    assert "cwbuild-agent: key released" in booted.lines  # the endpoint did its part
+    errors = [ln for ln in booted.lines if "error:" in ln]
+    assert len(errors) == 1, booted.lines
+    assert errors[0].startswith("cwbuild-agent: error: disk.unlock_failed: "), errors
+    assert "disk opened" not in booted.console
+    assert booted.status == 1
+
+
+def test_endpoint_down_retries_then_powers_off(
+    kit: Kit, ca: EndpointCA, server: TlsServer, tmp_path: Path
+) -> None:
+    bundle, _, secret = _bundle(
+        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id="e2e-down", port=_free_port()
+    )
+    booted = _run(server, bundle, secret, tmp_path)
+    retries = [ln for ln in booted.lines if "endpoint not ready" in ln]
+    assert len(retries) == 2  # retries=3 attempts in the bundle's agent config, back-off 1 s then 2 s
+    booted.refused_with("endpoint.unreachable")
+    assert "after 3 attempts" in booted.lines[-1]
+
+
+def test_endpoint_with_a_certificate_from_another_ca_is_refused(
+    kit: Kit, server: TlsServer, tmp_path: Path
+) -> None:
+    other = make_ca(tmp_path / "other", label="other")
+    bundle, _, secret = _bundle(
+        kit, other.ca_pem.read_bytes(), tmp_path, workload_id="e2e-tls", port=server.port
+    )
+    booted = _run(server, bundle, secret, tmp_path)
+    booted.refused_with("endpoint.tls_refused")
+    assert not [e for e in server.audit() if e.get("workload_id") == "e2e-tls"]  # nothing reached the API
