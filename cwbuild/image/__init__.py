@@ -15,7 +15,6 @@ from cwbuild.errors import ImageError
 from cwbuild.image.docker import open_docker_archive
 from cwbuild.image.model import Image, Layer, Platform
 from cwbuild.image.oci import TarBlobs, open_layout_archive, open_layout_dir
-from cwbuild.image.podman import open_podman_image
 from cwbuild.image.reference import ImageRef, Transport, parse_reference
 
 __all__ = [
@@ -33,6 +32,8 @@ DEFAULT_PLATFORM = "linux/amd64"
 
 
 def _podman(ref: ImageRef, platform: Platform, stack: ExitStack) -> Image:
+    from cwbuild.image.podman import open_podman_image  # noqa: PLC0415 - podman-py only when needed
+
     return open_podman_image(ref.name, str(ref), platform, stack)
 
 
