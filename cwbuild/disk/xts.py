@@ -216,6 +216,8 @@ def crypt_span(
     """
     nworkers = workers or default_workers()
     chunk = CHUNK - CHUNK % params.sector_size
+    for path, flags in ((span.src, os.O_RDONLY), (span.dst, os.O_WRONLY)):
+        os.close(_open(path, flags))  # fail here with the reason, not as a dead worker
     positions = range(0, span.length, chunk)
     if nworkers == 1 or len(positions) < 2:
         _worker_init(span, params, encrypt, chunk)
@@ -266,12 +268,20 @@ class _Worker:
             params.sector_size,
             params.iv_step,
         )
-        self.src = os.open(span.src, os.O_RDONLY | os.O_CLOEXEC)
-        self.dst = os.open(span.dst, os.O_WRONLY | os.O_CLOEXEC)
+        self.src = _open(span.src, os.O_RDONLY)
+        self.dst = _open(span.dst, os.O_WRONLY)
         self.engine = SectorCrypt(params, encrypt=encrypt)
         self.buf = bytearray(chunk)
 
     def job(self, pos: int) -> int:
+        try:
+            return self._job(pos)
+        except OSError as exc:  # ENOSPC, EIO: typed, naming the files, never the data
+            raise DiskError(
+                f"I/O error between {self.span.src} and {self.span.dst}: {exc.strerror}"
+            ) from None
+
+    def _job(self, pos: int) -> int:
         span, ss = self.span, self.sector_size
         n = min(self.chunk, span.length - pos)
         padded = n + (-n % ss)
@@ -289,6 +299,13 @@ class _Worker:
         self.engine.close()
         os.close(self.src)
         os.close(self.dst)
+
+
+def _open(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DiskError(f"cannot open {path}: {exc.strerror}") from None
 
 
 _STATE: list[_Worker] = []

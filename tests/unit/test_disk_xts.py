@@ -139,3 +139,20 @@ def test_crypt_span_short_input(tmp_path: Path) -> None:
             encrypt=True,
             workers=1,
         )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_crypt_span_unopenable_files(workers: int, tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(bytes(8192))
+    params = XtsParams(os.urandom(64), 512)
+    with pytest.raises(DiskError, match="cannot open"):
+        crypt_span(
+            Span(str(tmp_path), str(tmp_path / "dst"), 0, 0, 8192),
+            params=params,
+            encrypt=True,
+            workers=workers,
+        )
+    with pytest.raises(DiskError, match="cannot open"):
+        crypt_span(
+            Span(str(tmp_path / "src"), str(tmp_path / "no/dst"), 0, 0, 8192), params=params, encrypt=True
+        )
