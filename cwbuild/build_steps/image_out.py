@@ -29,8 +29,8 @@ from cwbuild.image.podman import podman_client
 #: Label keys (OCI annotations/labels use reverse-DNS prefixes: image-spec annotations.md "Rules").
 LABEL_PREFIX = "org.cwbuild."
 LABEL_BUNDLE = LABEL_PREFIX + "bundle"
-#: buildah mkcw's image layer (cw-format.md §1.3), in its tar order.
-KRUN_LAYER = ("entrypoint", "krun-sev.json", "tmp", "disk.img")
+#: buildah mkcw's image layer (cw-format.md §1.3), in the order `buildah push` writes it (sorted).
+KRUN_LAYER = ("disk.img", "entrypoint", "krun-sev.json", "tmp")
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
