@@ -356,6 +356,11 @@ def parse(hdr: tuple[int, int, str, str, bytes], device_size: int) -> LuksHeader
     if _int(config, "json_size", "config") != hdr_size - BIN_SIZE:
         raise FormatError("LUKS2 config.json_size does not match hdr_size")
     keyslots_size = _int(config, "keyslots_size", "config", 0, device_size)
+    requirements = config.get("requirements")
+    if isinstance(requirements, dict) and requirements.get("mandatory"):
+        raise FormatError(
+            "LUKS2 header has mandatory requirements (e.g. reencryption) that are not supported"
+        )
     ks_end = 2 * hdr_size + keyslots_size
     segment = _segment(_obj(doc, "segments", ""), ks_end, device_size)
     digest, slot_ids = _digest(_obj(doc, "digests", ""))

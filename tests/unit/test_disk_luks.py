@@ -210,6 +210,7 @@ HOSTILE_JSON = {
     "digest unbound": _set("digests.0.keyslots", ["5"]),
     "keyslots not object": _set("keyslots", []),
     "many keyslots": _set("keyslots", {str(i): {} for i in range(40)}),
+    "mandatory requirement": _set("config.requirements", {"mandatory": ["online-reencrypt-v2"]}),
 }
 
 
