@@ -124,3 +124,4 @@ class AttestRefused(AttestError):
         self.reason = reason
         self.status = status
         self.detail = message
+        self.audited = False
