@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cwbuild.errors import UsageError
+from cwbuild import bundle_inspect
 from cwbuild.image import DEFAULT_PLATFORM, open_image
 
 #: A bundle directory is recognised by this file (DESIGN.md "Bundle").
@@ -32,15 +32,15 @@ def inspect_image(ref: str, *, platform: str = DEFAULT_PLATFORM) -> dict[str, An
 
 
 def inspect_bundle(path: Path) -> dict[str, Any]:
-    """Seam for the bundle inspector (a later issue): refuse clearly until it exists."""
-    raise UsageError(f"{path} is a bundle directory; inspecting bundles is not implemented yet")
+    """A bundle directory (cwbuild.bundle_inspect)."""
+    return bundle_inspect.inspect_bundle_dir(path)
 
 
 def run_inspect(args: InspectArgs) -> dict[str, Any]:
     path = Path(args.target)
-    if path.is_dir() and (path / BUNDLE_MARKER).is_file():
+    if path.is_dir() and ((path / BUNDLE_MARKER).is_file() or bundle_inspect.is_bundle(path)):
         return inspect_bundle(path)
-    return inspect_image(args.target, platform=args.platform)
+    return bundle_inspect.annotate_image(inspect_image(args.target, platform=args.platform))
 
 
 def _print_human(doc: dict[str, Any]) -> None:
@@ -73,5 +73,9 @@ def command(target: str, as_json: bool, platform: str) -> None:
     doc = run_inspect(InspectArgs(target, as_json, platform))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
+    elif doc.get("kind") == "bundle":
+        bundle_inspect.print_bundle(doc)
     else:
         _print_human(doc)
+        for key, value in (doc.get("cwbuild") or {}).items():
+            click.echo(f"{'cwbuild ' + key + ':':<16} {json.dumps(value)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -288,3 +289,33 @@ def test_usage_errors_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert b"--passphrase-file" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_bundle_and_image(bundle: Built, podman: Podman, tmp_path: Path) -> None:
+    proc = cwbuild(["inspect", bundle.root, "--json"])
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(proc.stdout)
+    recorded = json.loads((bundle.root / "measurement.json").read_text())["measurements"]["snp"][
+        "measurement"
+    ]
+    assert doc["kind"] == "bundle"
+    assert doc["workload_id"] == WORKLOAD_ID
+    assert doc["measurements"]["snp"]["measurement"] == recorded
+    assert doc["disk"]["luks"]["version"] == 2
+    assert {f["path"] for f in doc["files"]} >= {"disk.img", "initrd.img", "vmlinuz", "measurement.json"}
+    assert all(f["ok"] for f in doc["files"])
+    human = cwbuild(["inspect", bundle.root])
+    assert recorded.encode() in human.stdout
+    copy = tmp_path / "tampered"
+    shutil.copytree(bundle.root, copy)
+    with (copy / "initrd.img").open("r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    tampered = json.loads(cwbuild(["inspect", copy, "--json"]).stdout)
+    assert [f["path"] for f in tampered["files"] if not f["ok"]] == ["initrd.img"]
+    assert cwbuild(["measure", "--bundle", copy]).returncode != 0
+    image = json.loads(cwbuild(["inspect", TAG, "--json"], env=podman.env).stdout)
+    assert image["cwbuild"]["workload-id"] == WORKLOAD_ID
+    assert image["cwbuild"]["measurements"] == {"snp": recorded}
