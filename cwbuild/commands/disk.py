@@ -63,6 +63,11 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
+def _check_out(out: Path, *, force: bool) -> None:
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UsageError(f"{out} exists", hint="give --force to replace it")
+
+
 def _write_new_secret(path: Path, data: bytes) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -97,9 +102,11 @@ def command() -> None:
 @click.option("--kdf-iterations", type=click.IntRange(1), help="pbkdf2 iterations.")
 @click.option("--krun-config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--workers", type=click.IntRange(1, 64), help="Encryption processes (default: all CPUs).")
+@click.option("-f", "--force", is_flag=True, help="Replace OUT if it exists.")
 def encrypt_cmd(**opts: Any) -> None:
     """Write OUT, a LUKS container of the file SRC (e.g. an ext4 image)."""
     req = EncryptRequest.from_flags(opts)
+    _check_out(req.out, force=opts["force"])
     config = footer.validated(req.krun_config.read_bytes()) if req.krun_config else None
     if req.generate_passphrase is not None:
         passphrase = secrets.token_hex(GENERATED_PASSPHRASE_BYTES).encode()
@@ -161,10 +168,12 @@ class EncryptRequest:
 @click.option("--passphrase-file", required=True, help="Passphrase file ('-': stdin).")
 @click.option("--kdf-max-memory", type=click.IntRange(32), help="Refuse argon2 keyslots needing more KiB.")
 @click.option("--workers", type=click.IntRange(1, 64))
+@click.option("-f", "--force", is_flag=True, help="Replace OUT if it exists.")
 def decrypt_cmd(
-    image: Path, out: Path, passphrase_file: str, kdf_max_memory: int | None, workers: int | None
+    image: Path, out: Path, passphrase_file: str, kdf_max_memory: int | None, workers: int | None, force: bool
 ) -> None:
     """Write the plaintext payload of the LUKS1/LUKS2 IMAGE to OUT."""
+    _check_out(out, force=force)
     passphrase = read_passphrase_file(passphrase_file)
     limits = KdfLimits(max_memory_kib=kdf_max_memory) if kdf_max_memory else KdfLimits()
     size = image.stat().st_size

@@ -51,6 +51,10 @@ def test_encrypt_inspect_decrypt_with_stdin_passphrase(plain: Path, tmp_path: Pa
     assert out.read_bytes() == plain.read_bytes()
     text = cwbuild(["disk", "inspect", img])
     assert b"keyslot 0: pbkdf2-sha256" in text.stdout
+    again = cwbuild(["disk", "decrypt", img, out, "--passphrase-file", "-"], input=SECRET)
+    assert again.returncode == 2  # OUT exists: refused without --force
+    forced = cwbuild(["disk", "decrypt", img, out, "--passphrase-file", "-", "--force"], input=SECRET)
+    assert forced.returncode == 0, forced.stderr.decode()
 
 
 def test_generated_passphrase(plain: Path, tmp_path: Path) -> None:
