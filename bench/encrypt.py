@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--skip-4g", action="store_true", help="skip the 4 GiB peak-memory run")
     args = ap.parse_args()
     size = args.size_mib * MiB
-    cw = [sys.executable, "-m", "cwbuild", "disk", "encrypt"]
+    cw = [sys.executable, "-m", "cwbuild", "disk", "encrypt", "--force"]
     results: dict[str, object] = {
         "input_bytes": size,
         "cpus": os.cpu_count(),
