@@ -174,6 +174,7 @@ def _run_step(ctx: BuildContext, index: int, name: str, step: Step, console: Con
 def run_build(spec: BuildSpec, *, console: Console | None = None) -> BuildResult:
     """Run every step; on any failure undo what was done (registration, partial output) and re-raise."""
     console = console or Console(stderr=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one progress line per step, not per request
     steps = steps_for(spec)
     with ExitStack() as stack, _terminate_as_exit():
         work, stage = _private_dirs(spec, stack)

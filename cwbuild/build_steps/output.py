@@ -112,7 +112,7 @@ def register(ctx: BuildContext) -> StepArtifact | None:
     register_workload(url, token, reg, ca, spec.replace)
     ctx.facts["registered"] = True
     ctx.rollbacks.append(lambda: delete_workload(url, token, spec.workload_id, ca))
-    return StepArtifact(f"{url} workload {spec.workload_id}", None, None, {"tee": tee})
+    return StepArtifact(f"workload {spec.workload_id}", None, None, {"tee": tee, "url": url})
 
 
 def publish(ctx: BuildContext) -> StepArtifact | None:
