@@ -25,10 +25,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from cwbuild.boot.kit import latest
 from tests.conftest import cwbuild
-from tests.integration.attest_support import Server, new_server
+from tests.integration.attest_support import Server, new_server, write_secret
 from tests.integration.build_support import ADDED, KIT_CACHE, build, hidden_dirs, passphrase_file
 from tests.integration.podman_env import Podman, full_tree_dir, full_tree_tar, hello_image, podman
 from tests.kits import cached_kit
@@ -319,3 +320,31 @@ def test_inspect_bundle_and_image(bundle: Built, podman: Podman, tmp_path: Path)
     image = json.loads(cwbuild(["inspect", TAG, "--json"], env=podman.env).stdout)
     assert image["cwbuild"]["workload-id"] == WORKLOAD_ID
     assert image["cwbuild"]["measurements"] == {"snp": recorded}
+
+
+@pytest.mark.e2e
+def test_built_bundle_boots_attests_and_runs(
+    server: Server, podman: Podman, hello_image: str, tmp_path: Path
+) -> None:
+    """What `cwbuild build` made (not a hand-assembled bundle) boots under the simulated TEE: the agent
+    attests to the endpoint the build registered with, unlocks the disk and runs the image's entrypoint."""
+    port = server.url.rsplit(":", 1)[1]
+    out = tmp_path / "e2e"
+    args: list[str | Path] = [hello_image, "-o", out, "--tee", "sim", "--memory", "512"]
+    args += ["--attestation-url", f"http://10.0.2.2:{port}", "--register-url", server.url]
+    args += ["--register-token-file", server.workdir / "token"]
+    proc = build(args, env=podman.env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    key = write_secret(
+        tmp_path / "sim.key",
+        server.sim_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    run = cwbuild(
+        ["run", out, "--tee", "sim", "--sim-key", key, "--accel", "tcg", "--timeout", "300"], timeout=400
+    )
+    console = run.stdout.decode(errors="replace")
+    assert run.returncode == 0, console[-3000:] + run.stderr.decode(errors="replace")[-2000:]
+    assert "hello from a confidential workload, cwbuild (cwd /srv/app)" in console
+    assert "cwbuild-agent: attested" in console
