@@ -35,9 +35,7 @@ def validated(config_json: bytes) -> bytes:
 
 def encode(config_json: bytes, start: int) -> bytes:
     """The bytes to write at `start` (the end of the payload): zero pad, JSON, trailer."""
-    if len(config_json) > MAX_CONFIG:
-        raise FormatError(f"workload config is larger than {MAX_CONFIG} bytes")
-    body = config_json + TRAILER.pack(MAGIC, len(config_json))
+    body = validated(config_json) + TRAILER.pack(MAGIC, len(config_json))
     pad = -(start + len(body)) % ALIGN
     return bytes(pad) + body
 
