@@ -38,6 +38,7 @@ OUR_FILES = (".krun_config.json", ".cwbuild", ".cwbuild/config.json")
 MIN_IMAGE_SIZE = 10 * 1024 * 1024  # buildah minimumImageSize (spec §1.6)
 BLOCK = 4096
 INODE_SIZE = 256
+DIRENT_OVERHEAD = 12  # ext4_dir_entry_2 header (8) + padding to 4 bytes, per name
 #: Pinned mke2fs configuration: Debian 12's ext4 defaults written out, so the host's file cannot change them.
 MKE2FS_CONF = """[defaults]
 \tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
@@ -153,15 +154,33 @@ def _clear(path: Path, *, keep_dir: bool) -> None:
     path.unlink()
 
 
+def journal_blocks(blocks: int) -> int:
+    """e2fsprogs lib/ext2fs/mkjournal.c ext2fs_default_journal_size(), in 4 KiB blocks."""
+    for limit, size in ((2048, 0), (32768, 1024), (256 << 10, 4096), (512 << 10, 8192), (4096 << 10, 16384)):
+        if blocks < limit:
+            return size
+    for limit, size in ((8192 << 10, 32768), (16384 << 10, 65536), (32768 << 10, 131072)):
+        if blocks < limit:
+            return size
+    return 262144
+
+
+def with_overhead(size: int) -> int:
+    """`size` bytes of content (+ slop) plus what ext4 itself takes: the journal, and ~2% + 1 MiB for
+    superblocks, group descriptors, bitmaps and reserved GDT blocks (no root-reserved blocks: -m 0)."""
+    return size + journal_blocks(size // BLOCK) * BLOCK + size // 50 + (1 << 20)
+
+
 def content_size(root: Path) -> tuple[int, int]:
-    """(bytes, entries): every file's size rounded up to blocks, a block per directory and symlink, plus an
-    inode each. Hardlinked files count once (buildah counts them each time and sums apparent sizes)."""
+    """(bytes, entries): every file's size rounded up to blocks, a block per directory and symlink, an inode
+    and a directory entry each. Hardlinked files count once (buildah counts them each time)."""
     total, entries = 0, 0
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             st = os.lstat(os.path.join(dirpath, name))
             entries += 1
+            total += DIRENT_OVERHEAD + len(os.fsencode(name))  # its entry in the parent directory
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
@@ -174,7 +193,7 @@ def make_filesystem(rootfs: Path, out: Path, *, spec: FsSpec) -> Artifact:
     """Write `out`, a reproducible ext4 image of `rootfs` (which gets the two config files added)."""
     _write_config_files(rootfs, spec)
     used, entries = content_size(rootfs)
-    size = spec.size or apply_slop(used, spec.slop)
+    size = spec.size or with_overhead(apply_slop(used, spec.slop))
     size = max(MIN_IMAGE_SIZE, size + (-size % BLOCK))
     inodes = entries + entries // 4 + 64
     fs_uuid = derived_uuid(spec.image_digest, "ext4 uuid")
@@ -188,7 +207,7 @@ def make_filesystem(rootfs: Path, out: Path, *, spec: FsSpec) -> Artifact:
             os.ftruncate(fd, size)
             os.close(fd)
             env = {"E2FSPROGS_FAKE_TIME": str(spec.source_date_epoch), "MKE2FS_CONFIG": str(conf)}
-            argv = ["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", str(INODE_SIZE)]
+            argv = ["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-I", str(INODE_SIZE), "-m", "0"]
             argv += ["-N", str(inodes), "-U", fs_uuid, "-E", f"hash_seed={seed},nodiscard", "-L", spec.label]
             run([*argv, "-d", str(rootfs), str(tmp)], env=env)
             _normalize_inodes(tmp, Path(work), spec, env)

@@ -164,3 +164,16 @@ def test_existing_config_links_are_replaced_not_followed(tmp_path: Path) -> None
     assert json.loads(_debugfs(img, "cat /.krun_config.json")) == {"Cmd": ["x"]}
     assert "Type: directory" in _debugfs(img, "stat /.cwbuild")
     assert "User:     0   Group:     0" in _debugfs(img, "stat /.cwbuild/config.json")
+
+
+@pytest.mark.parametrize("slop", ["0%", "10%"])
+def test_small_slop_still_fits(slop: str, tmp_path: Path) -> None:
+    """The size covers ext4's own overhead (journal, inode tables, directory entries) before the slop."""
+    tree = tmp_path / "t"
+    (tree / "many").mkdir(parents=True)
+    (tree / "big").write_bytes(os.urandom(30 * 1024 * 1024))
+    for i in range(2000):
+        (tree / "many" / f"file-with-a-long-name-{i:05d}").write_bytes(b"x")
+    img = make_filesystem(tree, tmp_path / "x.img", spec=FsSpec("sha256:aa", 0, slop=slop)).path
+    fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout
