@@ -177,3 +177,25 @@ def test_small_slop_still_fits(slop: str, tmp_path: Path) -> None:
     img = make_filesystem(tree, tmp_path / "x.img", spec=FsSpec("sha256:aa", 0, slop=slop)).path
     fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout
+
+
+def test_make_encrypted_disk_leaves_no_plaintext(tmp_path: Path) -> None:
+    from cwbuild.disk.luks import LuksSpec, decrypt_image, file_sha256
+    from cwbuild.disk.pipeline import make_encrypted_disk
+
+    tree = tmp_path / "t"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hostname").write_bytes(b"cw\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    spec = FsSpec("sha256:aa", 1_700_000_000)
+    result = make_encrypted_disk(
+        tree, tmp_path / "disk.img", fs=spec, luks=LuksSpec(), passphrase=b"p", workdir=work
+    )
+    assert list(work.iterdir()) == []  # the private plaintext directory is gone
+    decrypt_image(result.disk.path, tmp_path / "plain", passphrase=b"p")
+    assert file_sha256(tmp_path / "plain") == result.filesystem.sha256
+    with pytest.raises(Exception, match="empty"):
+        make_encrypted_disk(tree, tmp_path / "d2.img", fs=spec, luks=LuksSpec(), passphrase=b"", workdir=work)
+    assert list(work.iterdir()) == []
+    assert not (tmp_path / "d2.img").exists()
