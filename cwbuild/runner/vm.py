@@ -33,7 +33,9 @@ from cwbuild.runner.bundle import Bundle, _int
 from cwbuild.runner.signer import SimSigner, load_sim_key
 
 QEMU = "qemu-system-x86_64"
-AGENT_LINE = re.compile(rb"cwbuild-agent: (exit (\d{1,3})|error: ([A-Za-z0-9_.]+): (.*))")
+#: The agent's console lines (templates/init.sh.j2, templates/agent/start.sh.j2). The last exit/error line
+#: counts: the agent prints its own after anything the workload printed.
+AGENT_LINE = re.compile(rb"cwbuild-agent: (?:exit (\d{1,3})|error: ([A-Za-z0-9_.]+): (.*)|(.+))")
 MAX_LINE = 64 * 1024
 
 
@@ -125,12 +127,12 @@ def stream_console(stream: IO[bytes], sink: IO[bytes]) -> Outcome:
         m = AGENT_LINE.search(line.rstrip(b"\r\n"))
         if m is None:
             continue
-        if m.group(2) is not None:
-            out.exit_status = int(m.group(2))
-        elif m.group(3) is not None:
-            out.error = (m.group(3).decode(), m.group(4).decode("utf-8", "replace").strip())
+        if m.group(1) is not None:
+            out.exit_status = int(m.group(1))
+        elif m.group(2) is not None:
+            out.error = (m.group(2).decode(), m.group(3).decode("utf-8", "replace").strip())
         else:
-            out.milestones.append(m.group(1).decode())
+            out.milestones.append(m.group(4).decode("utf-8", "replace").strip())
 
 
 @contextlib.contextmanager
