@@ -3,8 +3,9 @@
 The layer holds the bundle's files (for `--target krun`, exactly buildah mkcw's four: entrypoint,
 krun-sev.json, tmp/, disk.img, so crun + libkrun run it as buildah's). Labels say what it is, so
 `cwbuild inspect IMAGE` and `podman image inspect` show the workload without unpacking it. The layer is
-written deterministically (sorted names, owner 0, mtime SOURCE_DATE_EPOCH), then an oci-archive around it
-(OCI image-layout spec: oci-layout, index.json, blobs/sha256/...) is streamed to `POST /images/load`.
+produced deterministically (sorted names, owner 0, mtime SOURCE_DATE_EPOCH) and an oci-archive around it
+(OCI image-layout spec: oci-layout, index.json, blobs/sha256/...) is streamed to `POST /images/load`: the
+bundle's files are read twice (digest, then send) and never copied to a temporary file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +36,7 @@ KRUN_LAYER = ("disk.img", "entrypoint", "krun-sev.json", "tmp")
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
+CHUNK = 1 << 20
 
 
 def labels(ctx: BuildContext) -> dict[str, str]:
@@ -65,24 +68,51 @@ def _members(root: Path, target: BuildTarget) -> Iterator[Path]:
         yield from (base / name for name in sorted(filenames))
 
 
-def write_layer(root: Path, out: Path, *, target: BuildTarget, mtime: int) -> None:
-    """The bundle as an uncompressed tar: sorted, owner 0:0, fixed mtime, modes as on disk."""
-    with out.open("xb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in _members(root, target):
-            info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.mtime = mtime
-            if info.isfile():
-                with path.open("rb") as f:
-                    tar.addfile(info, f)
-            else:
-                tar.addfile(info)
+def _tarinfo(path: Path, name: str, mtime: int) -> tarfile.TarInfo:
+    st = path.lstat()
+    info = tarfile.TarInfo(name)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.mtime = mtime
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISREG(st.st_mode):
+        info.size = st.st_size
+    else:
+        raise BuildError(f"bundle entry {name} is neither a file nor a directory")
+    return info  # uid/gid 0, empty uname/gname: TarInfo's defaults
 
 
-def _digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+def _member(info: tarfile.TarInfo, body: Path | bytes | None) -> Iterator[bytes]:
+    """One tar member: its header (POSIX.1-2001 pax when needed), data, zero padding to 512."""
+    yield info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    if isinstance(body, bytes):
+        yield body
+    elif body is not None:
+        left = info.size
+        with body.open("rb") as f:
+            while left and (chunk := f.read(min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+        if left:
+            raise BuildError(f"{body.name} changed size while being stored")
+    if info.size % tarfile.BLOCKSIZE:
+        yield bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+
+
+def layer_stream(root: Path, *, target: BuildTarget, mtime: int) -> Iterator[bytes]:
+    """The bundle as an uncompressed tar, produced on the fly: sorted, owner 0:0, fixed mtime."""
+    for path in _members(root, target):
+        info = _tarinfo(path, path.relative_to(root).as_posix(), mtime)
+        yield from _member(info, path if info.isreg() else None)
+    yield bytes(2 * tarfile.BLOCKSIZE)  # end-of-archive marker (POSIX ustar: two zero blocks)
+
+
+def _digest_of(chunks: Iterator[bytes]) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        h.update(chunk)
+        size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
 
 
 def _blob(data: bytes) -> tuple[str, bytes]:
@@ -103,14 +133,17 @@ def image_config(ctx: BuildContext, diff_id: str, created: str) -> dict[str, Any
     }
 
 
-def write_oci_archive(ctx: BuildContext, layer: Path, out: Path, created: str) -> None:
-    diff_id = _digest(layer)
+def oci_archive_stream(ctx: BuildContext, created: str, mtime: int) -> Iterator[bytes]:
+    """An oci-archive (OCI image-layout spec: oci-layout, index.json, blobs/sha256/...) of the bundle,
+    streamed: a first pass over the files computes the layer's digest and size, the second sends it."""
+    root, target = ctx.spec.output, ctx.spec.target
+    diff_id, size = _digest_of(layer_stream(root, target=target, mtime=mtime))
     cfg_digest, cfg = _blob(json.dumps(image_config(ctx, diff_id, created), sort_keys=True).encode())
     manifest = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
         "config": {"mediaType": MEDIA_CONFIG, "digest": cfg_digest, "size": len(cfg)},
-        "layers": [{"mediaType": MEDIA_LAYER, "digest": diff_id, "size": layer.stat().st_size}],
+        "layers": [{"mediaType": MEDIA_LAYER, "digest": diff_id, "size": size}],
     }
     man_digest, man = _blob(json.dumps(manifest, sort_keys=True).encode())
     index = {
@@ -123,23 +156,56 @@ def write_oci_archive(ctx: BuildContext, layer: Path, out: Path, created: str) -
         f"blobs/sha256/{cfg_digest[7:]}": cfg,
         f"blobs/sha256/{man_digest[7:]}": man,
     }
-    with out.open("xb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in ("blobs", "blobs/sha256"):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for name, data in small.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-        tar.add(str(layer), arcname=f"blobs/sha256/{diff_id[7:]}", recursive=False)
+    for name in ("blobs", "blobs/sha256"):
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
+        yield from _member(info, None)
+    for name, data in small.items():
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, mtime
+        yield from _member(info, data)
+    info = tarfile.TarInfo(f"blobs/sha256/{diff_id[7:]}")
+    info.size, info.mode, info.mtime = size, 0o644, mtime
+    yield info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    sent = 0
+    for chunk in layer_stream(root, target=target, mtime=mtime):
+        sent += len(chunk)
+        yield chunk
+    if sent != size:
+        raise BuildError("the bundle changed while it was being stored as an image")
+    if size % tarfile.BLOCKSIZE:
+        yield bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
+    yield bytes(2 * tarfile.BLOCKSIZE)
 
 
-def _load(archive: Path, tag: str) -> tuple[str, Callable[[], None]]:
+class _StreamReader(io.RawIOBase):
+    """A read()-able view of a chunk iterator, so requests streams the body (chunked) instead of joining."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _load(body: Iterator[bytes], tag: str) -> tuple[str, Callable[[], None]]:
     repo, _, version = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "latest")
     try:
-        with podman_client() as client, archive.open("rb") as body:
-            resp = client.api.post("/images/load", data=body, headers={"Content-Type": "application/x-tar"})
+        with podman_client() as client:
+            reader = io.BufferedReader(_StreamReader(body), CHUNK)
+            resp = client.api.post("/images/load", data=reader, headers={"Content-Type": "application/x-tar"})
             resp.raise_for_status()
             names = resp.json().get("Names") or []
             if not names:
@@ -161,19 +227,9 @@ def _load(archive: Path, tag: str) -> tuple[str, Callable[[], None]]:
 
 
 def store_bundle_image(ctx: BuildContext, tag: str) -> tuple[str, Callable[[], None]]:
-    """Write the layer and the archive in the work directory, load it, tag it; returns (id, undo)."""
-    root = ctx.spec.output
+    """Stream the bundle as an oci-archive into Podman and tag it; returns (image id, undo)."""
     epoch = int(ctx.facts["source_date_epoch"])
-    created = _rfc3339(epoch)
-    layer = ctx.work / "layer.tar"
-    archive = ctx.work / "image.oci.tar"
-    write_layer(root, layer, target=ctx.spec.target, mtime=epoch)
-    write_oci_archive(ctx, layer, archive, created)
-    layer.unlink()
-    try:
-        return _load(archive, tag)
-    finally:
-        archive.unlink(missing_ok=True)
+    return _load(oci_archive_stream(ctx, _rfc3339(epoch), epoch), tag)
 
 
 def _rfc3339(epoch: int) -> str:

@@ -1,0 +1,152 @@
+"""`cwbuild build` against `buildah mkcw` on the same ~300 MB multi-layer image, in one run.
+
+    .venv/bin/python bench/build.py [--mib 300] [--workdir /var/tmp] [--kit-cache DIR] [--sid /tmp/sid]
+
+The image: bench/rootfs_memory.py's generator (two layers of big random files, one of 5000 small files,
+uncompressed) copied into the local Podman store with skopeo, plus an ENTRYPOINT (podman build, no new layer).
+buildah gets the same image in its own store inside the Debian sid chroot (`podman save` + `buildah pull`,
+not timed), overlay driver, private root. Timed, each once, wall clock and peak memory (sum of PSS and of RSS
+over the whole process tree, sampled every 20 ms, bench/encrypt.py's sampler):
+
+  - buildah mkcw --type snp --passphrase P IMAGE DEST   (LUKS1 + krun footer, committed as an image)
+  - cwbuild build IMAGE --target krun --type snp         (the same output: LUKS1 + footer, buildah's layout)
+  - the same with --tag                                 (the directory also stored as an image in Podman)
+  - cwbuild build IMAGE --tee snp                   (the full qemu bundle: LUKS2, kit kernel, initrd with
+                                                      the agent, SNP measurement, launch configs)
+
+cwbuild reads the image from Podman through its REST API (a private `podman system service` is started when
+none is listening: it is a child, so its memory is counted). The kit must be cached (kit fetch). Not run by
+pytest. The machine may be shared: figures are of one run and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from encrypt import _tree_mem  # noqa: E402  (bench/encrypt.py: PSS/RSS over a process tree)
+from rootfs_memory import make_image  # noqa: E402
+
+IMAGE = "localhost/cwbuild-bench-build:latest"
+BASE = "localhost/cwbuild-bench-build-base:latest"
+TAGGED = "localhost/cwbuild-bench-build-cw:latest"
+PASSPHRASE = b"bench-passphrase-0123456789abcdef"
+MiB = 1 << 20
+
+
+def measure(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """(wall seconds, peak PSS, peak RSS) of one run of argv."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
+    )
+    peak_pss = peak_rss = 0
+    while proc.poll() is None:
+        pss, rss = _tree_mem(proc.pid)
+        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+        time.sleep(0.02)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode:
+        raise SystemExit(f"{argv[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, peak_pss, peak_rss
+
+
+def make_podman_image(work: Path, mib: int) -> None:
+    make_image(work / "layout", mib * MiB, zstd=False)
+    subprocess.run(
+        ["skopeo", "copy", "-q", f"oci:{work / 'layout'}", f"containers-storage:{BASE}"], check=True
+    )
+    (work / "Containerfile").write_text(f'FROM {BASE}\nENTRYPOINT ["/data/a.bin"]\n')
+    subprocess.run(
+        ["podman", "build", "-q", "--pull=never", "-t", IMAGE, "-f", str(work / "Containerfile"), str(work)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def buildah_argv(sid: Path, root: str) -> list[str]:
+    return ["chroot", str(sid), "buildah", "--root", f"{root}/root", "--runroot", f"{root}/run",
+            "--storage-driver", "overlay"]  # fmt: skip
+
+
+def prepare_buildah(sid: Path, root: str) -> str:
+    archive = sid / "var/tmp/cwbuild-bench.tar"
+    subprocess.run(["podman", "save", "-q", "--format", "oci-archive", "-o", str(archive), IMAGE], check=True)
+    pulled = subprocess.run(
+        [*buildah_argv(sid, root), "pull", "-q", "oci-archive:/var/tmp/cwbuild-bench.tar"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()[-1]
+    archive.unlink()
+    return pulled
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mib", type=int, default=300)
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--kit-cache", type=Path, default=Path("/var/cache/cwbuild-test-assets/kits"))
+    parser.add_argument("--sid", type=Path, default=Path("/tmp/sid"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="cwbuild-bench-build-"))
+    broot = f"/var/tmp/cwbuild-bench-buildah-{os.getpid()}"
+    try:
+        make_podman_image(work, args.mib)
+        image_id = prepare_buildah(args.sid, broot)
+        fd = os.open(work / "pass", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, PASSPHRASE)
+        os.close(fd)
+        cw = [sys.executable, "-m", "cwbuild", "build", IMAGE, "--passphrase-file", str(work / "pass")]
+        cw += ["--kit-cache", str(args.kit_cache), "--offline"]
+        runs = {
+            "buildah mkcw (snp)": measure(
+                [
+                    *buildah_argv(args.sid, broot),
+                    "mkcw",
+                    "--type",
+                    "snp",
+                    "--passphrase",
+                    PASSPHRASE.decode(),
+                    image_id,
+                    "localhost/cwbuild-bench-cw",
+                ]
+            ),
+            "cwbuild build --target krun": measure([*cw, "-o", str(work / "krun"), "--target", "krun"]),
+            "cwbuild build --target krun --tag": measure(
+                [*cw, "-o", str(work / "krun-tag"), "--target", "krun", "--tag", TAGGED]
+            ),
+            "cwbuild build --tee snp (bundle)": measure([*cw, "-o", str(work / "snp"), "--tee", "snp"]),
+        }
+        report(runs, work)
+    finally:
+        subprocess.run(["podman", "rmi", "-f", IMAGE, BASE, TAGGED], check=False, capture_output=True)
+        subprocess.run([*buildah_argv(args.sid, broot), "rmi", "-a", "-f"], check=False, capture_output=True)
+        shutil.rmtree(args.sid / broot.lstrip("/"), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(runs: dict[str, tuple[float, int, int]], work: Path) -> None:
+    size = sum(f.stat().st_size for f in (work / "layout/blobs/sha256").iterdir())
+    print(f"image: {size / MiB:.0f} MiB of layer blobs, 3 layers (+ config-only ENTRYPOINT); one run each,")
+    print(f"on a shared machine ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} at the end)")
+    base = runs["buildah mkcw (snp)"][0]
+    for name, (wall, pss, rss) in runs.items():
+        print(f"  {name:<34} {wall:7.2f} s  x{base / wall:4.2f} vs buildah  "
+              f"peak PSS {pss / MiB:6.0f} MiB  RSS-sum {rss / MiB:6.0f} MiB")  # fmt: skip
+    print(f"  disk.img: cwbuild krun {(work / 'krun/disk.img').stat().st_size / MiB:.0f} MiB, "
+          f"bundle {(work / 'snp/disk.img').stat().st_size / MiB:.0f} MiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
