@@ -47,7 +47,11 @@ CPU: dict[str, list[float]] = {}
 
 
 def _timed(argv: list[str]) -> float:
-    """Wall seconds of one run; its CPU seconds (user+sys of the whole process tree) go to CPU."""
+    """Wall seconds of one run on a fresh output (the last argument, removed and synced away first, so
+    neither tool pays for dropping the previous run's file); CPU seconds (user+sys of the whole process
+    tree) go to CPU."""
+    Path(argv[-1]).unlink(missing_ok=True)
+    os.sync()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -167,6 +171,7 @@ def main() -> None:
             for _ in range(size // (64 * MiB)):
                 f.write(os.urandom(64 * MiB))
         small.write_bytes(os.urandom(MiB))
+        os.sync()  # the input is on disk before anything is timed
         results["openssl_aes_256_xts_one_core_Bps"] = _openssl()
         for name, extra in (("luks2", []), ("luks1", ["--format", "luks1"])):
             argv = [*cw, str(src), str(out), "--passphrase-file", str(pw), *extra]
