@@ -174,7 +174,7 @@ def main() -> None:
         os.sync()  # the input is on disk before anything is timed
         results["openssl_aes_256_xts_one_core_Bps"] = _openssl()
         for name, extra in (("luks2", []), ("luks1", ["--format", "luks1"])):
-            argv = [*cw, str(src), str(out), "--passphrase-file", str(pw), *extra]
+            argv = [*cw, "--passphrase-file", str(pw), *extra, str(src), str(out)]
             best, times = _best(args.runs, argv)
             results[f"cwbuild_{name}_whole_s"] = {"best": best, "runs": times, "cpu_s": _cpu(argv)}
             out.unlink()
