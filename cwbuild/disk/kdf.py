@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from enum import StrEnum
 
+from argon2.exceptions import HashingError
 from argon2.low_level import ARGON2_VERSION, Type, hash_secret_raw
 
 from cwbuild.errors import DiskError, FormatError
@@ -123,16 +124,19 @@ def derive(spec: KdfSpec, passphrase: bytes, salt: bytes, length: int) -> bytes:
     if spec.type is KdfType.PBKDF2:
         return pbkdf2(spec.hash, passphrase, salt, spec.iterations, length)
     kind = Type.ID if spec.type is KdfType.ARGON2ID else Type.I
-    return hash_secret_raw(
-        passphrase,
-        salt,
-        time_cost=spec.time,
-        memory_cost=spec.memory_kib,
-        parallelism=spec.cpus,
-        hash_len=length,
-        type=kind,
-        version=ARGON2_VERSION,
-    )
+    try:
+        return hash_secret_raw(
+            passphrase,
+            salt,
+            time_cost=spec.time,
+            memory_cost=spec.memory_kib,
+            parallelism=spec.cpus,
+            hash_len=length,
+            type=kind,
+            version=ARGON2_VERSION,
+        )
+    except HashingError as exc:  # e.g. memory < 8 KiB per lane, or a salt argon2 refuses
+        raise FormatError(f"argon2 refused the keyslot parameters: {exc}") from None
 
 
 def default_kdf(*, generated_passphrase: bool, guest_memory_mib: int | None = None) -> KdfSpec:

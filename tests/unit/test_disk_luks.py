@@ -210,6 +210,9 @@ HOSTILE_JSON = {
     "digest unbound": _set("digests.0.keyslots", ["5"]),
     "keyslots not object": _set("keyslots", []),
     "many keyslots": _set("keyslots", {str(i): {} for i in range(40)}),
+    "argon2 memory below 8 KiB a lane": _set(
+        "keyslots.0.kdf", {"type": "argon2id", "time": 4, "memory": 64, "cpus": 16, "salt": "AAAAAAAAAAA="}
+    ),
     "mandatory requirement": _set("config.requirements", {"mandatory": ["online-reencrypt-v2"]}),
 }
 
@@ -218,7 +221,7 @@ HOSTILE_JSON = {
 def test_hostile_luks2_json(name: str, luks2_image: bytes, tmp_path: Path) -> None:
     p = _write(tmp_path, _both(luks2_image, HOSTILE_JSON[name]))
     with pytest.raises(FormatError):
-        read_header(p)
+        unlock(p, read_header(p), b"pw")
 
 
 def test_overlapping_keyslot_areas(luks2_image: bytes, tmp_path: Path) -> None:
