@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,3 +351,41 @@ def test_built_bundle_boots_attests_and_runs(
     assert run.returncode == 0, console[-3000:] + run.stderr.decode(errors="replace")[-2000:]
     assert "hello from a confidential workload, cwbuild (cwd /srv/app)" in console
     assert "cwbuild-agent: attested" in console
+
+
+def test_no_kit_offline_is_an_error(podman: Podman, hello_image: str, tmp_path: Path) -> None:
+    passfile, _ = passphrase_file(tmp_path / "s")
+    out = tmp_path / "out" / "bundle"
+    out.parent.mkdir()
+    args: list[str | Path] = [hello_image, "-o", out, "--tee", "sim", "--passphrase-file", passfile]
+    proc = build([*args, "--kit-cache", tmp_path / "empty-cache"], env=podman.env)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert b"--offline forbids fetching" in proc.stderr
+    assert list(out.parent.iterdir()) == []
+
+
+def test_sigterm_mid_build_leaves_nothing(podman: Podman, hello_image: str, tmp_path: Path) -> None:
+    passfile, _ = passphrase_file(tmp_path / "s")
+    parent = tmp_path / "out"
+    parent.mkdir()
+    argv = [
+        sys.executable,
+        "-m",
+        "cwbuild",
+        "build",
+        hello_image,
+        "-o",
+        str(parent / "bundle"),
+        "--tee",
+        "sim",
+    ]
+    argv += ["--passphrase-file", str(passfile), "--kit-cache", str(KIT_CACHE), "--offline"]
+    proc = subprocess.Popen(argv, env={**os.environ, **podman.env}, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".cwbuild-plain-") for p in parent.iterdir()):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert list(parent.iterdir()) == []
