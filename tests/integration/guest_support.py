@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import ssl
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,16 +158,21 @@ def make_bundle(
     passphrase: bytes,
     workload: Workload,
     luks: LuksFormat = LuksFormat.LUKS2,
-) -> str:
-    """Write a sim bundle into `out`; returns its SNP measurement (hex)."""
+    krun_footer: bytes | None = None,
+    blocks_of: str | None = None,
+) -> tuple[str, list[int]]:
+    """Write a sim bundle into `out`; (its SNP measurement in hex, the filesystem blocks of `blocks_of`)."""
     work = out.parent / f".{out.name}.work"
     (work / "rootfs").mkdir(parents=True)
     (out / "firmware").mkdir(parents=True)
     busybox_rootfs(kit, work / "rootfs", workload)
     spec = FsSpec(image_digest="sha256:" + "ab" * 32, source_date_epoch=1700000000, config=workload.config)
     make_filesystem(work / "rootfs", work / "fs.img", spec=spec)
+    blocks = file_blocks(work / "fs.img", blocks_of) if blocks_of else []
     lspec = LuksSpec(format=luks, sector_size=4096 if luks is LuksFormat.LUKS2 else 512)
-    encrypt_image(work / "fs.img", out / "disk.img", spec=lspec, passphrase=passphrase)
+    encrypt_image(
+        work / "fs.img", out / "disk.img", spec=lspec, passphrase=passphrase, krun_footer=krun_footer
+    )
     config = AgentConfig(workload_id=workload_id, tee="sim", attestation_url=url, ca_pem=ca_pem, retries=3)
     init, files = split_init(agent_files(config, Entrypoint.from_config(workload.config)))
     build_initrd(kit, init_script=init, extra_files=files, out=out / "initrd.img")
@@ -187,7 +193,15 @@ def make_bundle(
     shutil.rmtree(work)
     value = result.get(Tee.SNP).values["measurement"]
     assert value is not None
-    return value
+    return value, blocks
+
+
+def file_blocks(image: Path, path: str) -> list[int]:
+    """The ext4 blocks holding `path`'s data (debugfs `blocks`, e2fsprogs)."""
+    proc = subprocess.run(
+        ["debugfs", "-R", f"blocks /{path}", str(image)], capture_output=True, check=True, timeout=60
+    )
+    return [int(b) for b in proc.stdout.split()]
 
 
 def random_passphrase() -> bytes:

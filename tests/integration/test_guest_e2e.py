@@ -6,6 +6,8 @@ from the endpoint's audit log; the console and logs are grepped for the secret."
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import socket
 import time
@@ -18,6 +20,7 @@ import pytest
 from cwbuild.attest.api import Registration
 from cwbuild.attest.client import register_workload
 from cwbuild.boot.kit import Kit
+from cwbuild.disk.footer import read as read_footer
 from cwbuild.disk.luks import LuksFormat, read_header
 from tests.conftest import cwbuild
 from tests.integration.guest_support import (
@@ -36,8 +39,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 ENTRY = b"""#!/bin/sh
 echo "workload says: greeting=$GREETING cwd=$(pwd) uid=$(id -u) gid=$(id -g) home=$HOME args=$*"
+echo "workload data: $(sha256sum /app/data.bin)"
 exit 3
 """
+DATA = bytes(range(256)) * 64  # 16 KiB: four 4096-byte sectors
 WORKLOAD = Workload(
     config={
         "Entrypoint": ["/app/entry.sh"],
@@ -46,12 +51,13 @@ WORKLOAD = Workload(
         "WorkingDir": "/srv/data",
         "User": "app",
     },
-    files={"app/entry.sh": (ENTRY, 0o755)},
+    files={"app/entry.sh": (ENTRY, 0o755), "app/data.bin": (DATA, 0o644)},
 )
 EXPECTED_LINE = (
     "workload says: greeting=hello from the image cwd=/srv/data uid=1000 gid=1000 home=/home/app"
     " args=one two words"
 )
+DATA_LINE = f"workload data: {hashlib.sha256(DATA).hexdigest()}  /app/data.bin"
 MILESTONES = ["attested", "key released", "disk opened", "switch_root"]
 RUN_TIMEOUT = 300
 
@@ -114,11 +120,13 @@ def _bundle(
     workload_id: str,
     port: int,
     luks: LuksFormat = LuksFormat.LUKS2,
+    krun: bool = False,
 ) -> tuple[Path, str, bytes]:
     secret = random_passphrase()
     bundle = tmp / "bundle"
     url = f"https://{GUEST_HOST}:{port}"
-    measurement = make_bundle(
+    footer = json.dumps({"type": "snp", "workload_id": workload_id}).encode() if krun else None
+    measurement, blocks = make_bundle(
         kit,
         bundle,
         url=url,
@@ -127,7 +135,10 @@ def _bundle(
         passphrase=secret,
         workload=WORKLOAD,
         luks=luks,
+        krun_footer=footer,
+        blocks_of="app/data.bin",
     )
+    (tmp / "data-blocks").write_text(" ".join(map(str, blocks)))
     return bundle, measurement, secret
 
 
@@ -151,37 +162,36 @@ def _run(server: TlsServer, bundle: Path, secret: bytes, tmp: Path) -> Booted:
     return booted
 
 
-def _boot(
-    kit: Kit,
-    server: TlsServer,
-    ca: EndpointCA,
-    tmp: Path,
-    *,
-    workload_id: str,
-    luks: LuksFormat = LuksFormat.LUKS2,
-) -> Booted:
-    bundle, measurement, secret = _bundle(
-        kit, ca.ca_pem.read_bytes(), tmp, workload_id=workload_id, port=server.port, luks=luks
-    )
-    _register(server, ca, workload_id, measurement, secret)
-    return _run(server, bundle, secret, tmp)
-
-
 def _attest_reasons(server: TlsServer, workload_id: str) -> list[str]:
     return [
         e["reason"] for e in server.audit() if e.get("workload_id") == workload_id and e["event"] == "attest"
     ]
 
 
-@pytest.mark.parametrize("luks", [LuksFormat.LUKS2, LuksFormat.LUKS1])
+@pytest.mark.parametrize("layout", ["luks2", "luks1", "krun"])
 def test_sim_guest_attests_unlocks_and_runs_the_entrypoint(
-    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path, luks: LuksFormat
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path, layout: str
 ) -> None:
-    wid = f"e2e-ok-{luks}"
-    booted = _boot(kit, server, ca, tmp_path, workload_id=wid, luks=luks)
+    """LUKS2 (the default), LUKS1, and the krun layout's disk (LUKS1, the KRUN footer after the payload)."""
+    wid = f"e2e-ok-{layout}"
+    luks = LuksFormat.LUKS2 if layout == "luks2" else LuksFormat.LUKS1
+    bundle, measurement, secret = _bundle(
+        kit,
+        ca.ca_pem.read_bytes(),
+        tmp_path,
+        workload_id=wid,
+        port=server.port,
+        luks=luks,
+        krun=layout == "krun",
+    )
+    if layout == "krun":
+        assert read_footer(bundle / "disk.img") is not None
+    _register(server, ca, wid, measurement, secret)
+    booted = _run(server, bundle, secret, tmp_path)
     done = [ln.removeprefix("cwbuild-agent: ") for ln in booted.lines]
     assert done[-6:] == [f"starting (workload {wid}, tee sim)", *MILESTONES, "exit 3"], booted.console[-4000:]
     assert EXPECTED_LINE in booted.console
+    assert DATA_LINE in booted.console
     assert booted.status == 3, booted.stderr
     assert _attest_reasons(server, wid) == ["key.released"]
 
@@ -256,3 +266,49 @@ def test_endpoint_with_a_certificate_from_another_ca_is_refused(
     booted = _run(server, bundle, secret, tmp_path)
     booted.refused_with("endpoint.tls_refused")
     assert not [e for e in server.audit() if e.get("workload_id") == "e2e-tls"]  # nothing reached the API
+
+
+def _corrupt_payload(bundle: Path, fs_block: int) -> None:
+    """Zero one 4096-byte ciphertext sector: filesystem block `fs_block` of the LUKS2 payload."""
+    header = read_header(bundle / "disk.img")
+    assert header.sector_size == 4096
+    with (bundle / "disk.img").open("r+b") as f:
+        f.seek(header.payload_offset + fs_block * 4096)
+        f.write(bytes(4096))
+
+
+def test_corrupted_superblock_fails_to_mount(
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path
+) -> None:
+    bundle, measurement, secret = _bundle(
+        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id="e2e-sb", port=server.port
+    )
+    _register(server, ca, "e2e-sb", measurement, secret)
+    _corrupt_payload(bundle, 0)  # block 0 holds the primary superblock at byte 1024
+    booted = _run(server, bundle, secret, tmp_path)
+    assert "cwbuild-agent: disk opened" in booted.lines
+    errors = [ln for ln in booted.lines if "error:" in ln]
+    assert len(errors) == 1, booted.lines
+    assert errors[0].startswith("cwbuild-agent: error: disk.mount_failed: "), errors
+    assert "switch_root" not in booted.console
+    assert booted.status == 1
+
+
+def test_corrupted_data_sector_is_not_detected(
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path
+) -> None:
+    """AES-XTS hides data but does not authenticate it (DESIGN.md "Integrity is the next step"): a host that
+    overwrites a ciphertext sector turns the file's plaintext into garbage and nothing notices."""
+    bundle, measurement, secret = _bundle(
+        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id="e2e-xts", port=server.port
+    )
+    _register(server, ca, "e2e-xts", measurement, secret)
+    blocks = [int(b) for b in (tmp_path / "data-blocks").read_text().split()]
+    assert len(blocks) == len(DATA) // 4096
+    _corrupt_payload(bundle, blocks[1])
+    booted = _run(server, bundle, secret, tmp_path)
+    assert booted.status == 3, booted.console[-3000:]  # the workload ran to its end
+    assert not [ln for ln in booted.lines if "error:" in ln]
+    assert EXPECTED_LINE in booted.console
+    assert DATA_LINE not in booted.console  # the data changed ...
+    assert "workload data: " in booted.console  # ... and was read without any error
