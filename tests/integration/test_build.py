@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cwbuild.boot.kit import latest
 from tests.conftest import cwbuild
+from tests.imagekit import E, docker_archive, layer_tar
 from tests.integration.attest_support import Server, new_server, write_secret
 from tests.integration.build_support import ADDED, KIT_CACHE, build, hidden_dirs, passphrase_file
 from tests.integration.podman_env import Podman, full_tree_dir, full_tree_tar, hello_image, podman
@@ -389,3 +391,64 @@ def test_sigterm_mid_build_leaves_nothing(podman: Podman, hello_image: str, tmp_
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
     assert list(parent.iterdir()) == []
+
+
+def _rich_layers() -> list[bytes]:
+    rng = random.Random(11)
+    big = [rng.randbytes(8 << 20) for _ in range(6)]  # 48 MiB of incompressible data over three layers
+    return [
+        layer_tar(
+            [
+                E("bin", kind="dir"),
+                E("bin/sh", data=b"#!/bin/sh\n", mode=0o755),
+                E("data", kind="dir", mode=0o750, uid=1000, gid=1000),
+                E("data/a", data=big[0], uid=1000, gid=1000),
+                E("data/b", data=big[1], xattrs={"user.kind": "blob"}),
+                E("data/link", kind="hardlink", link="data/a"),
+                E("opt/old/x", data=b"x"),
+                E("usr/bin/tool", data=b"t", mode=0o4755),
+                E("home/u/" + "deep/" * 30 + "leaf", data=b"deep"),
+            ]
+        ),
+        layer_tar(
+            [
+                E("data/c", data=big[2]),
+                E("data/.wh.b"),
+                E("opt/old/.wh..wh..opq"),
+                E("opt/old/y", data=b"y"),
+                E("etc/alt", kind="symlink", link="../data/c"),
+                E("empty", data=b""),
+            ]
+        ),
+        layer_tar([E(f"data/more/{i}", data=big[3 + i]) for i in range(3)] + [E("data/a", data=b"replaced")]),
+    ]
+
+
+def test_multilayer_image_disk_holds_exactly_its_files(podman: Podman, tmp_path: Path) -> None:
+    tag = "localhost/cwbuild-build-layers:latest"
+    load = podman.load(docker_archive(tmp_path / "image.tar", _rich_layers(), repo_tag=tag))
+    assert load.returncode == 0, load.stderr
+    passfile, _ = passphrase_file(tmp_path / "s")
+    out = tmp_path / "bundle"
+    proc = build([tag, "-o", out, "--tee", "snp", "--passphrase-file", passfile], env=podman.env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    opened = ["cryptsetup", "open", "--test-passphrase", "--key-file", passfile, out / "disk.img"]
+    ok = subprocess.run(opened, check=False)
+    assert ok.returncode == 0
+    plain = tmp_path / "plain.img"
+    proc = cwbuild(["disk", "decrypt", out / "disk.img", plain, "--passphrase-file", passfile])
+    assert proc.returncode == 0, proc.stderr.decode()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", plain, mnt], check=True)
+    try:
+        got, got_groups = full_tree_dir(mnt)
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    want, want_groups, _ = full_tree_tar(podman.export(tag, tmp_path / "export.tar"))
+    assert set(got) - set(want) == ADDED
+    for path in want:
+        assert got[path] == want[path], path
+    assert got_groups == want_groups
+    assert "data/b" not in got
+    assert got["data/a"][5] == b"replaced"
