@@ -432,7 +432,14 @@ def test_multilayer_image_disk_holds_exactly_its_files(podman: Podman, tmp_path:
     out = tmp_path / "bundle"
     proc = build([tag, "-o", out, "--tee", "snp", "--passphrase-file", passfile], env=podman.env)
     assert proc.returncode == 0, proc.stderr.decode()
-    opened = ["cryptsetup", "open", "--test-passphrase", "--key-file", passfile, out / "disk.img"]
+    opened: list[str | Path] = [
+        "cryptsetup",
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        passfile,
+        out / "disk.img",
+    ]
     ok = subprocess.run(opened, check=False)
     assert ok.returncode == 0
     plain = tmp_path / "plain.img"
