@@ -6,6 +6,7 @@ from the endpoint's audit log; the console and logs are grepped for the secret."
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -60,6 +61,7 @@ EXPECTED_LINE = (
 DATA_LINE = f"workload data: {hashlib.sha256(DATA).hexdigest()}  /app/data.bin"
 MILESTONES = ["attested", "key released", "disk opened", "switch_root"]
 RUN_TIMEOUT = 300
+CSUM = 0x1C0  # offset of the LUKS2 binary header checksum (LUKS2 on-disk format §2.1)
 
 
 @pytest.fixture(scope="module")
@@ -223,22 +225,47 @@ def test_initrd_modified_after_the_build_is_refused(
     assert _attest_reasons(server, "e2e-initrd") == ["snp.measurement_mismatch"]
 
 
-def test_corrupted_keyslot_fails_to_unlock(
-    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path
+@pytest.mark.parametrize("damage", ["keyslot", "digest", "both-headers"])
+def test_corrupted_header_fails_to_unlock(
+    kit: Kit, server: TlsServer, ca: EndpointCA, tmp_path: Path, damage: str
 ) -> None:
+    wid = f"e2e-{damage}"
     bundle, measurement, secret = _bundle(
-        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id="e2e-keyslot", port=server.port
+        kit, ca.ca_pem.read_bytes(), tmp_path, workload_id=wid, port=server.port
     )
-    _register(server, ca, "e2e-keyslot", measurement, secret)
-    slot = read_header(bundle / "disk.img").keyslots[0]
+    _register(server, ca, wid, measurement, secret)
+    header = read_header(bundle / "disk.img")
+    slot = header.keyslots[0]
     with (bundle / "disk.img").open("r+b") as f:
-        f.seek(slot.area_offset)
-        f.write(bytes(slot.material_size))
+        if damage == "keyslot":  # the AF-split key material of the only active keyslot
+            f.seek(slot.area_offset)
+            f.write(bytes(slot.material_size))
+        elif damage == "digest":  # the volume key digest in the JSON of both copies, checksums redone
+            for copy in (0, header.metadata_size):
+                f.seek(copy)
+                area = bytearray(f.read(header.metadata_size))
+                value = base64.b64encode(header.digest.value)
+                at = area.find(value)
+                assert at > 0
+                area[at : at + len(value)] = base64.b64encode(bytes(len(header.digest.value)))
+                area[CSUM : CSUM + 64] = bytes(64)  # LUKS2 spec §2.1: csum over hdr_size, field zeroed
+                area[CSUM : CSUM + 32] = hashlib.sha256(area).digest()
+                f.seek(copy)
+                f.write(area)
+        else:  # both LUKS2 binary headers (primary at 0, secondary at hdr_size; LUKS2 spec §2)
+            for copy in (0, header.metadata_size):
+                f.seek(copy)
+                f.write(bytes(4096))
     booted = _run(server, bundle, secret, tmp_path)
     assert "cwbuild-agent: key released" in booted.lines  # the endpoint did its part
     errors = [ln for ln in booted.lines if "error:" in ln]
     assert len(errors) == 1, booted.lines
     assert errors[0].startswith("cwbuild-agent: error: disk.unlock_failed: "), errors
+    # cryptsetup's own words: the header still parses (so the digest/keyslot check refused) or it does not
+    why = (
+        "is not a valid LUKS device" if damage == "both-headers" else "No key available with this passphrase"
+    )
+    assert why in errors[0]
     assert "disk opened" not in booted.console
     assert booted.status == 1
 
