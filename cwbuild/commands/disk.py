@@ -194,7 +194,8 @@ def inspect_cmd(image: Path, as_json: bool) -> None:
         click.echo(json.dumps(facts, indent=2, sort_keys=True))
         return
     for key, value in facts.items():
+        shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
         if key != "keyslots":
-            click.echo(f"{key}: {value}")
+            click.echo(f"{key}: {shown if shown not in (None, '') else '-'}")
     for slot in header.keyslots:
         click.echo(f"keyslot {slot.index}: {slot.kdf.describe()}, area {slot.area_offset}+{slot.area_size}")
