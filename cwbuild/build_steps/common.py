@@ -15,6 +15,7 @@ from cwbuild.disk.luks import LuksFormat, LuksSpec, encrypt_image
 from cwbuild.errors import SecretFileError, UsageError
 from cwbuild.image import open_image
 from cwbuild.image.rootfs import flatten
+from cwbuild.launch import check_krun_limits
 from cwbuild.secrets import read_passphrase_file, read_token_file
 
 #: DESIGN.md "The key is random": 32 random bytes, hex (buildah's default too, cw-format.md §1.2 step 8).
@@ -48,7 +49,20 @@ def check_inputs(ctx: BuildContext) -> StepArtifact | None:
         ctx.token = read_token_file(spec.register_token_file)
     if spec.attestation_ca is not None:
         ctx.ca_pem = _read_ca(spec.attestation_ca)
+    _check_guest_side(ctx)
     return None
+
+
+def _check_guest_side(ctx: BuildContext) -> None:
+    """What the guest will be told, validated now rather than after minutes of work: the krun guest's
+    limits (cw-format.md §4.4), or the launch spec and the agent's URL/CA/workload id."""
+    from cwbuild.build_steps import krun, qemu  # noqa: PLC0415 - they import this module's helpers
+
+    if ctx.spec.target is BuildTarget.KRUN:
+        check_krun_limits(krun.launch_spec(ctx))
+        return
+    qemu.launch_spec(ctx, firmware=None)
+    qemu.agent_config(ctx)
 
 
 def _check_krun_passphrase(passphrase: bytes) -> None:

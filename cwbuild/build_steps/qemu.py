@@ -70,16 +70,20 @@ def kernel_and_firmware(ctx: BuildContext) -> StepArtifact | None:
     return file_artifact(ctx, "vmlinuz", kernel=kit.kernel_version, kit=kit.id)
 
 
-def initrd(ctx: BuildContext) -> StepArtifact | None:
-    """initrd.img: the kit's userland and modules + the guest agent, its CA, URL and workload id."""
+def agent_config(ctx: BuildContext) -> AgentConfig:
     spec = ctx.spec
-    kit = ctx.facts["kit"]
-    config = AgentConfig(
+    return AgentConfig(
         workload_id=spec.workload_id,
         tee=str(primary_tee(ctx)),
         attestation_url=spec.attestation_url or DEV_ATTESTATION_URL,
         ca_pem=ctx.ca_pem,
     )
+
+
+def initrd(ctx: BuildContext) -> StepArtifact | None:
+    """initrd.img: the kit's userland and modules + the guest agent, its CA, URL and workload id."""
+    kit = ctx.facts["kit"]
+    config = agent_config(ctx)
     init, files = split_init(agent_files(config, Entrypoint.from_config(ctx.facts["image_config"])))
     info = build_initrd(
         kit, init_script=init, extra_files=files, out=ctx.stage / "initrd.img", cache=kit.store
@@ -116,16 +120,19 @@ def measure_bundle(ctx: BuildContext) -> StepArtifact | None:
     return file_artifact(ctx, MEASUREMENT_JSON, tees=sorted(doc["measurements"]))
 
 
-def launch_spec(ctx: BuildContext) -> LaunchSpec:
+def launch_spec(ctx: BuildContext, *, firmware: str | None = "") -> LaunchSpec:
+    """The launch spec of the attesting TEE; `firmware=None` takes the TEE's default file name."""
     spec = ctx.spec
     tee = primary_tee(ctx)
+    if firmware == "":
+        firmware = ctx.facts["firmware"]["tdx" if tee is Tee.TDX else "snp"]
     return LaunchSpec(
         tee=tee,
         workload_id=spec.workload_id,
         cmdline=spec.cmdline,
         cpus=spec.cpus,
         memory_mib=spec.memory_mib,
-        firmware=ctx.facts["firmware"]["tdx" if tee is Tee.TDX else "snp"],
+        firmware=firmware,
         attestation_url=spec.attestation_url or "",
         snp_gen=spec.snp_gen,
     )
