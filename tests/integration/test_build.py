@@ -295,6 +295,24 @@ def test_usage_errors_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert b"--passphrase-file" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+    secrets = tmp_path / "secrets"
+    passfile, _ = passphrase_file(secrets)
+    token = write_secret(secrets / "token", b"t" * 40)
+    url = "http://a-rather-long-endpoint-name.example.com:8080/and/a/path"
+    krun: list[str | Path] = ["--target", "krun", "--firmware-library", passfile, "--attestation-url", url]
+    args: list[str | Path] = [
+        "build",
+        "localhost/x",
+        "-o",
+        tmp_path / "o",
+        *krun,
+        "--register-token-file",
+        token,
+    ]
+    proc = cwbuild([*args, "--passphrase-file", passfile, "--workload-id", "w" * 40])
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert b"krun's guest takes at most 99" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secrets"]
 
 
 def test_inspect_bundle_and_image(bundle: Built, podman: Podman, tmp_path: Path) -> None:
