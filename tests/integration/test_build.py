@@ -55,9 +55,14 @@ class Built:
     stderr: str
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _kit() -> None:
+    """The builds here run --offline against the test kit cache: fetch it once per machine."""
+    cached_kit()
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, podman: Podman, hello_image: str) -> Built:
-    cached_kit()
     work = tmp_path_factory.mktemp("build")
     passfile, secret = passphrase_file(work / "secret")
     args: list[str | Path] = [hello_image, "-o", work / "a", "--tee", "sim", "--memory", "512"]
