@@ -482,3 +482,22 @@ def test_multilayer_image_disk_holds_exactly_its_files(podman: Podman, tmp_path:
     assert got_groups == want_groups
     assert "data/b" not in got
     assert got["data/a"][5] == b"replaced"
+
+
+def test_tdx_bundle_registers_mrtd_and_rtmrs(
+    server: Server, podman: Podman, hello_image: str, tmp_path: Path
+) -> None:
+    passfile, _ = passphrase_file(tmp_path / "s")
+    out = tmp_path / "tdx"
+    args: list[str | Path] = [hello_image, "-o", out, "--tee", "tdx", "--workload-id", "tdx-1"]
+    args += ["--attestation-url", server.url, "--register-token-file", server.workdir / "token"]
+    proc = build([*args, "--passphrase-file", passfile], env=podman.env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert cwbuild(["measure", "--bundle", out]).returncode == 0
+    entry = json.loads((out / "measurement.json").read_text())["measurements"]["tdx"]
+    assert (out / "firmware/OVMF.inteltdx.ms.fd").is_file()
+    stored = _workload(server, "tdx-1").json()
+    assert stored["tee"] == "tdx"
+    assert stored["reference_values"] == [entry["mrtd"]]
+    assert stored["policy"]["rtmr1"] == [entry["rtmr1"]]
+    assert stored["policy"]["rtmr2"] == [entry["rtmr2"]]
