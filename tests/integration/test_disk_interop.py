@@ -204,3 +204,38 @@ def test_cryptsetup_verifies_both_luks2_header_checksums(
     raw[5000] ^= 0xFF  # break the primary's JSON: cryptsetup must fall back to our secondary copy
     img.write_bytes(bytes(raw))
     assert _cs("open", "--test-passphrase", "--key-file=-", img, input=PASS).returncode == 0
+
+
+@pytest.mark.parametrize("fmt", ["luks2", "luks1"])
+def test_cryptsetup_adds_a_key_to_our_header_and_we_read_it(
+    fmt: str, plaintext: Path, passfile: Path, tmp_path: Path
+) -> None:
+    """cryptsetup validates our metadata before it writes (new keyslot, LUKS2 seqid bump, both copies)."""
+    img = tmp_path / "disk.img"
+    args = [
+        "disk",
+        "encrypt",
+        plaintext,
+        img,
+        "--format",
+        fmt,
+        "--kdf",
+        "pbkdf2",
+        "--passphrase-file",
+        passfile,
+    ]
+    assert cwbuild(args).returncode == 0
+    second = tmp_path / "second"
+    second.write_bytes(b"another passphrase")
+    second.chmod(0o600)
+    opts = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+    add = _cs("luksAddKey", "-q", *opts, "--key-file=-", img, second, input=PASS)
+    assert add.returncode == 0, add.stderr
+    header = read_header(img)
+    assert [k.index for k in header.keyslots] == [0, 1]
+    if fmt == "luks2":
+        assert header.seqid > 1
+    out = tmp_path / "out"
+    proc = cwbuild(["disk", "decrypt", img, out, "--passphrase-file", second])
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.read_bytes() == plaintext.read_bytes()
