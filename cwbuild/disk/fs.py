@@ -130,6 +130,7 @@ def _write_config_files(root: Path, spec: FsSpec) -> None:
     cw = root / ".cwbuild"
     _clear(cw, keep_dir=True)
     cw.mkdir(mode=0o755, exist_ok=True)
+    cw.chmod(0o755)  # not subject to the umask: the image must not depend on it
     for path, data in ((root / ".krun_config.json", krun), (cw / "config.json", ours)):
         _clear(path, keep_dir=False)  # a symlink or hardlink the image put there is replaced, never followed
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

@@ -199,3 +199,22 @@ def test_make_encrypted_disk_leaves_no_plaintext(tmp_path: Path) -> None:
         make_encrypted_disk(tree, tmp_path / "d2.img", fs=spec, luks=LuksSpec(), passphrase=b"", workdir=work)
     assert list(work.iterdir()) == []
     assert not (tmp_path / "d2.img").exists()
+
+
+def test_umask_does_not_change_the_image(tmp_path: Path) -> None:
+    digests = []
+    for i, mask in enumerate((0o022, 0o077)):
+        tree = tmp_path / f"t{i}"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc/a").write_bytes(b"a")
+        (tree / "etc/a").chmod(0o644)
+        for d in (tree, tree / "etc"):
+            d.chmod(0o755)
+            os.utime(d, (1, 1))
+        os.utime(tree / "etc/a", (1, 1))
+        old = os.umask(mask)
+        try:
+            digests.append(make_filesystem(tree, tmp_path / f"{i}.img", spec=FsSpec("sha256:aa", 5)).sha256)
+        finally:
+            os.umask(old)
+    assert digests[0] == digests[1]
