@@ -3,6 +3,7 @@ directory, and optionally storing it as an image in Podman."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ from cwbuild.attest.client import delete_workload, register_workload
 from cwbuild.build import BuildContext, StepArtifact, chmod_tree, file_artifact
 from cwbuild.build_steps import krun, qemu
 from cwbuild.config import BuildTarget
-from cwbuild.errors import BuildError, ConfigError, UsageError
+from cwbuild.errors import BuildError, ConfigError, CwbuildError, NetworkError, UsageError
 from cwbuild.run import run
 
 MANIFEST_JSON = "manifest.json"
@@ -109,9 +110,20 @@ def register(ctx: BuildContext) -> StepArtifact | None:
         raise BuildError(f"registration: {exc.message}") from None
     ca = spec.attestation_ca
     token = ctx.token
-    register_workload(url, token, reg, ca, spec.replace)
+
+    def undo() -> None:
+        delete_workload(url, token, spec.workload_id, ca)
+
+    try:
+        register_workload(url, token, reg, ca, spec.replace)
+    except NetworkError:
+        # The request may have reached the endpoint before the connection failed: delete (idempotent; a
+        # refusal such as workload.exists is an AttestError and leaves the existing registration alone).
+        with contextlib.suppress(CwbuildError):
+            undo()
+        raise
     ctx.facts["registered"] = True
-    ctx.rollbacks.append(lambda: delete_workload(url, token, spec.workload_id, ca))
+    ctx.rollbacks.append(undo)
     return StepArtifact(f"workload {spec.workload_id}", None, None, {"tee": tee, "url": url})
 
 

@@ -501,3 +501,36 @@ def test_tdx_bundle_registers_mrtd_and_rtmrs(
     assert stored["reference_values"] == [entry["mrtd"]]
     assert stored["policy"]["rtmr1"] == [entry["rtmr1"]]
     assert stored["policy"]["rtmr2"] == [entry["rtmr2"]]
+
+
+def test_existing_registration_needs_replace_and_survives_a_refusal(
+    server: Server, podman: Podman, hello_image: str, tmp_path: Path
+) -> None:
+    passfile, _ = passphrase_file(tmp_path / "s")
+    base: list[str | Path] = [
+        hello_image,
+        "--tee",
+        "sim",
+        "--workload-id",
+        "dup",
+        "--passphrase-file",
+        passfile,
+    ]
+    base += ["--attestation-url", server.url, "--register-token-file", server.workdir / "token"]
+    assert build([*base, "-o", tmp_path / "first"], env=podman.env).returncode == 0
+    first = _workload(server, "dup").json()["reference_values"]
+    proc = build([*base, "-o", tmp_path / "second", "--cmdline", "console=ttyS0 changed"], env=podman.env)
+    assert proc.returncode == 1
+    assert b"workload.exists" in proc.stderr
+    assert b"--replace" in proc.stderr
+    assert not (tmp_path / "second").exists()
+    assert _workload(server, "dup").json()["reference_values"] == first  # untouched by the refused build
+    proc = build(
+        [*base, "-o", tmp_path / "third", "--cmdline", "console=ttyS0 changed", "--replace"], env=podman.env
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    now = _workload(server, "dup").json()["reference_values"]
+    assert now != first
+    assert now == [
+        json.loads((tmp_path / "third/measurement.json").read_text())["measurements"]["snp"]["measurement"]
+    ]
