@@ -225,7 +225,9 @@ def used_inodes(image: Path, env: Mapping[str, str]) -> list[int]:
     per_group = int(_field(text, "Inodes per group"))
     count = int(_field(text, "Inode count"))
     free: set[int] = set()
-    for m in re.finditer(r"Free inodes: ([0-9, -]*)", text):
+    # Only the indented per-group lines: the superblock's own "Free inodes:   133" (a count) must not be read
+    # as a range, or inode 133 would keep the build time.
+    for m in re.finditer(r"^[ \t]+Free inodes: ([0-9, -]*)$", text, re.MULTILINE):
         for part in filter(None, (p.strip() for p in m.group(1).split(","))):
             lo, _, hi = part.partition("-")
             free.update(range(int(lo), int(hi or lo) + 1))
