@@ -24,8 +24,7 @@ PASS = b"correct horse battery staple"
 
 def _need(tool: str) -> str:
     found = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if not found:
-        pytest.skip(f"{tool} not installed (scripts/setup.sh installs it)")
+    assert found, f"{tool} not installed: scripts/setup.sh installs it"
     return found
 
 
@@ -108,8 +107,7 @@ def test_cwbuild_image_opens_with_cryptsetup_and_luksy(
     header = read_header(img)
     size = plaintext.stat().st_size
     assert _independent_decrypt(img, key, header.payload_offset, int(sector), size) == plaintext.read_bytes()
-    if not LUKSY.exists():
-        pytest.skip("luksy not unpacked (scripts/setup.sh)")
+    assert LUKSY.exists(), "luksy not unpacked: scripts/setup.sh installs it"
     out = tmp_path / "luksy.out"
     run = subprocess.run(
         [LUKSY, "decrypt", "--password-file", passfile, "-f", img, out],
@@ -124,8 +122,7 @@ def test_cwbuild_image_opens_with_cryptsetup_and_luksy(
 @pytest.mark.slow
 @pytest.mark.parametrize("v1", [True, False])
 def test_cwbuild_decrypts_luksy_images(v1: bool, plaintext: Path, passfile: Path, tmp_path: Path) -> None:
-    if not LUKSY.exists():
-        pytest.skip("luksy not unpacked (scripts/setup.sh)")
+    assert LUKSY.exists(), "luksy not unpacked: scripts/setup.sh installs it"
     img = tmp_path / "luksy.img"
     cmd = [LUKSY, "encrypt", "--password-file", passfile, *(["--luks1"] if v1 else []), "-f", plaintext, img]
     run = subprocess.run(cmd, capture_output=True, timeout=300, check=False)

@@ -46,8 +46,10 @@ poweroff -f
 
 def _modules_dir() -> Path:
     dirs = sorted((KERNEL_ROOT / "lib/modules").glob("*"))
-    if not dirs or not sorted((KERNEL_ROOT / "boot").glob("vmlinuz-*")):
-        pytest.skip(f"no kernel under {KERNEL_ROOT} (scripts/setup.sh)")
+    assert dirs, f"no kernel modules under {KERNEL_ROOT}: scripts/setup.sh installs them"
+    assert sorted((KERNEL_ROOT / "boot").glob("vmlinuz-*")), (
+        f"no kernel under {KERNEL_ROOT}: run scripts/setup.sh"
+    )
     return dirs[-1]
 
 
@@ -115,8 +117,8 @@ def _build_initrd(root: Path, out: Path, modules: list[Path], passphrase: bytes)
 
 
 def test_kernel_dm_crypt_opens_cwbuild_images(tmp_path: Path) -> None:
-    if not shutil.which("qemu-system-x86_64") or not shutil.which("cpio"):
-        pytest.skip("qemu-system-x86_64 or cpio missing (scripts/setup.sh)")
+    assert shutil.which("qemu-system-x86_64"), "qemu-system-x86_64 missing: scripts/setup.sh installs it"
+    assert shutil.which("cpio"), "cpio missing: scripts/setup.sh installs it"
     moddir = _modules_dir()
     kernel = sorted((KERNEL_ROOT / "boot").glob("vmlinuz-*"))[-1]
     passphrase = os.urandom(16).hex().encode()

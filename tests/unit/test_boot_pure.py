@@ -202,8 +202,7 @@ def _manifest(configfs_tsm: bool, config: dict[str, str]) -> dict[str, object]:
 
 def test_bookworm_kernel_refused_for_snp_and_tdx() -> None:
     config_path = next((ASSETS / "kernel" / "boot").glob("config-6.1*"), None)
-    if config_path is None:
-        pytest.skip("bookworm kernel asset missing: run scripts/setup.sh")
+    assert config_path is not None, "bookworm kernel asset missing: run scripts/setup.sh"
     flags = parse_config(config_path.read_bytes())
     assert "CONFIG_TSM_REPORTS" not in flags  # bookworm's 6.1 predates configfs-tsm (Linux 6.7)
     opts = {o: flags.get(o, "n") for o in ("CONFIG_SEV_GUEST", "CONFIG_TDX_GUEST_DRIVER")}
