@@ -18,5 +18,8 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest
 
+# Benchmarks run each peer in the same run (luksy, sev-snp-measure, buildah mkcw in a sid chroot, openssl):
+# ../shared/tools/peers.sh sets those up.
 bench: setup
+	bash ../shared/tools/peers.sh
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

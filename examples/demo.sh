@@ -8,7 +8,7 @@
 #   4. `cwbuild inspect` and `cwbuild measure --bundle` on the bundle;
 #   5. `cwbuild run --tee sim`: QEMU (TCG) boots it, the agent attests to the endpoint (10.0.2.2 is the host
 #      from inside the guest), gets the key, dm-crypt opens the disk and the image's entrypoint runs.
-# Needs: podman, qemu-system-x86_64, openssl, a cached kit (`cwbuild kit fetch`, or CWBUILD_KIT_CACHE).
+# Needs: podman, qemu-system-x86_64, openssl (scripts/setup.sh); the kit is fetched (or CWBUILD_KIT_CACHE reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,6 +16,11 @@ cw() { "$PY" -m cwbuild "$@"; }
 KIT_CACHE=${CWBUILD_KIT_CACHE:-}
 kit_flags=()
 [ -n "$KIT_CACHE" ] && kit_flags=(--kit-cache "$KIT_CACHE")
+
+echo "== cwbuild kit fetch (Debian trixie cloud kernel + userland, sid OVMF; signatures checked as apt does)"
+# --allow-expired: this workplace's Debian mirror serves a sid InRelease past its Valid-Until; the signature,
+# index and package hashes are still checked. A cached kit of the same packages is reused (same id).
+cw kit fetch --allow-expired "${kit_flags[@]/--kit-cache/--cache}"
 
 image=$(bash examples/hello/build.sh)
 work=$(mktemp -d)
