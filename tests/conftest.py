@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,26 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 ASSETS = Path(os.environ.get("CWBUILD_ASSETS", "/var/cache/cwbuild-test-assets"))
+
+#: Timings that tests report (name -> seconds), printed in pytest's terminal summary.
+TIMINGS: dict[str, list[float]] = {}
+
+
+def report_timing(name: str, seconds: float) -> None:
+    """Record a figure for the end-of-run summary (e.g. boot-to-workload time under TCG)."""
+    TIMINGS.setdefault(name, []).append(seconds)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not TIMINGS:
+        return
+    terminalreporter.section("cwbuild timings")
+    for name, values in sorted(TIMINGS.items()):
+        low, high = min(values), max(values)
+        terminalreporter.write_line(
+            f"{name}: {len(values)} runs, min {low:.1f} s, median {sorted(values)[len(values) // 2]:.1f} s, "
+            f"max {high:.1f} s"
+        )
 
 
 def cwbuild(

@@ -23,7 +23,7 @@ from cwbuild.attest.client import register_workload
 from cwbuild.boot.kit import Kit
 from cwbuild.disk.footer import read as read_footer
 from cwbuild.disk.luks import LuksFormat, read_header
-from tests.conftest import cwbuild
+from tests.conftest import cwbuild, report_timing
 from tests.integration.guest_support import (
     GUEST_HOST,
     EndpointCA,
@@ -157,7 +157,7 @@ def _run(server: TlsServer, bundle: Path, secret: bytes, tmp: Path) -> Booted:
     argv = ["run", str(bundle), "--tee", "sim", "--accel", "tcg", "--sim-key", str(key), "--log", str(log)]
     started = time.monotonic()
     proc = cwbuild([*argv, "--timeout", str(RUN_TIMEOUT)], timeout=RUN_TIMEOUT + 60)
-    print(f"boot to end under TCG: {time.monotonic() - started:.1f} s")
+    report_timing("cwbuild run --tee sim, start to power-off under TCG", time.monotonic() - started)
     booted = Booted(proc.returncode, log.read_text("utf-8", "replace"), proc.stderr.decode(), secret)
     for text in (booted.console, booted.stderr, server.logs().decode("utf-8", "replace")):
         assert secret.decode() not in text  # the passphrase is hex text: grep for it as such
