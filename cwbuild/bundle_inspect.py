@@ -8,7 +8,6 @@ For an image: the labels `cwbuild build --tag` writes (`org.cwbuild.*`). Reads o
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import click
 from cwbuild.disk import footer
 from cwbuild.disk.luks import read_header
 from cwbuild.errors import CwbuildError, FormatError, UsageError
+from cwbuild.fileio import sha256_file
 
 MAX_JSON = 1 << 20
 LABEL_PREFIX = "org.cwbuild."
@@ -47,11 +47,6 @@ def _json(path: Path) -> dict[str, Any] | None:
     return doc
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _files(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Every bundle file the manifest's steps recorded with a digest, re-hashed."""
     out = []
@@ -67,7 +62,9 @@ def _files(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
                 continue  # the plaintext filesystem's digest: recorded, not kept
             out.append({"path": rel, "sha256": want, "ok": False, "missing": True})
             continue
-        out.append({"path": rel, "sha256": want, "size": path.stat().st_size, "ok": _sha256(path) == want})
+        out.append(
+            {"path": rel, "sha256": want, "size": path.stat().st_size, "ok": sha256_file(path) == want}
+        )
     return out
 
 

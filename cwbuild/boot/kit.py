@@ -23,6 +23,7 @@ from typing import IO, Any
 import zstandard
 
 from cwbuild.errors import FormatError, KitError
+from cwbuild.fileio import sha256_file
 
 KIT_FORMAT = "cwbuild-kit/1"
 MANIFEST = "manifest.json"
@@ -60,15 +61,6 @@ def canonical(manifest: Mapping[str, Any]) -> bytes:
 def kit_id(manifest: Mapping[str, Any]) -> str:
     """sha256 of the canonical manifest, hex."""
     return hashlib.sha256(canonical(manifest)).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """Streaming sha256 of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe_rel(path: str) -> str:

@@ -9,7 +9,6 @@ written to a private temporary file beside OUT and renamed into place only when 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from cwbuild.disk.header import LUKS_SECTOR, Keyslot, LuksHeader, VolumeDigest
 from cwbuild.disk.kdf import KdfLimits, KdfSpec, KdfType, derive, pbkdf2
 from cwbuild.disk.xts import SECTOR_SIZES, SectorCrypt, Span, XtsParams, crypt_span
 from cwbuild.errors import DiskError, FormatError
+from cwbuild.fileio import sha256_file
 
 VOLUME_KEY_SIZE = 64  # aes-xts-plain64 with a 512-bit key (DESIGN.md; cw-format.md §1.7)
 SALT_SIZE = 32  # LUKS1 LUKS_SALTSIZE; cryptsetup uses 32-byte salts in LUKS2 too
@@ -265,9 +265,5 @@ def decrypt_image(
     return Artifact(out, length)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
+#: The one streaming file sha256 (cwbuild.fileio), under the name disk/fs.py and its tests import.
+file_sha256 = sha256_file

@@ -27,13 +27,13 @@ Assumptions: SEV family `kernel_hashes`, `vcpus`, `vmm_type`, `vcpu_sig`, `vcpu_
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cwbuild.errors import FormatError
+from cwbuild.fileio import sha256_file
 from cwbuild.measure import krun, tdx
 from cwbuild.measure.api import (
     Blob,
@@ -86,8 +86,7 @@ def _firmware_by_sha(directory: Path) -> dict[str, Path]:
     if directory.is_dir():
         for p in sorted(directory.iterdir()):
             if p.is_file():
-                with p.open("rb") as f:
-                    found[hashlib.file_digest(f, "sha256").hexdigest()] = p
+                found[sha256_file(p)] = p
     return found
 
 

@@ -14,13 +14,13 @@ hardware then measures that file, and the endpoint refuses the result).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cwbuild.errors import FormatError, UsageError
+from cwbuild.fileio import sha256_file
 from cwbuild.launch.spec import LaunchSpec, Tee
 
 MAX_DOCUMENT = 1 << 20
@@ -54,11 +54,6 @@ def _int(value: Any, what: str) -> int:
         except ValueError:
             pass
     raise FormatError(f"bundle: {what} is not an integer")
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)

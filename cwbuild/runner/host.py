@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from cwbuild.errors import ConfigError, UsageError
+from cwbuild.fileio import sha256_file
 from cwbuild.launch.spec import Tee
 from cwbuild.run import run
-from cwbuild.runner.bundle import Bundle, sha256_file
+from cwbuild.runner.bundle import Bundle
 
 SYS = Path("/sys/module")
 _VERSION = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
