@@ -16,8 +16,8 @@ import click
 
 from cwbuild.disk import footer
 from cwbuild.disk.luks import read_header
-from cwbuild.errors import CwbuildError, FormatError, UsageError
-from cwbuild.fileio import sha256_file
+from cwbuild.errors import CwbuildError, UsageError
+from cwbuild.fileio import read_json_object, sha256_file
 
 MAX_JSON = 1 << 20
 LABEL_PREFIX = "org.cwbuild."
@@ -32,19 +32,7 @@ def is_bundle(path: Path) -> bool:
 
 
 def _json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    with path.open("rb") as f:
-        raw = f.read(MAX_JSON + 1)
-    if len(raw) > MAX_JSON:
-        raise FormatError(f"{path} is larger than {MAX_JSON} bytes")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path} is not a JSON object")
-    return doc
+    return read_json_object(path, limit=MAX_JSON) if path.is_file() else None
 
 
 def _files(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:

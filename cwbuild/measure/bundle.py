@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cwbuild.errors import FormatError
-from cwbuild.fileio import sha256_file
+from cwbuild.fileio import read_json, sha256_file
 from cwbuild.measure import krun, tdx
 from cwbuild.measure.api import (
     Blob,
@@ -66,16 +66,9 @@ class BundleCheck:
 
 def _load(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_DOCUMENT + 1)
+        doc = read_json(path, limit=MAX_DOCUMENT)
     except OSError as exc:
         raise FormatError(f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_DOCUMENT:
-        raise FormatError(f"{path} is larger than {MAX_DOCUMENT} bytes")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path} is not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("measurements"), dict):
         raise FormatError(f"{path} is not a cwbuild measurement.json (format 1)")
     return doc

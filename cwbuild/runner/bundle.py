@@ -14,13 +14,12 @@ hardware then measures that file, and the endpoint refuses the result).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cwbuild.errors import FormatError, UsageError
-from cwbuild.fileio import sha256_file
+from cwbuild.fileio import read_json_object, sha256_file
 from cwbuild.launch.spec import LaunchSpec, Tee
 
 MAX_DOCUMENT = 1 << 20
@@ -32,17 +31,7 @@ def _load_json(path: Path, *, required: bool) -> dict[str, Any]:
         if required:
             raise FormatError(f"{path} is missing: not a cwbuild bundle")
         return {}
-    with path.open("rb") as f:
-        raw = f.read(MAX_DOCUMENT + 1)
-    if len(raw) > MAX_DOCUMENT:
-        raise FormatError(f"{path} is larger than {MAX_DOCUMENT} bytes")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path} is not a JSON object")
-    return doc
+    return read_json_object(path, limit=MAX_DOCUMENT)
 
 
 def _int(value: Any, what: str) -> int:
