@@ -83,7 +83,8 @@ def _firmware_by_sha(directory: Path) -> dict[str, Path]:
     return found
 
 
-def _int(value: Any, what: str) -> int:
+def as_int(value: Any, what: str, *, source: str = MEASUREMENT_JSON) -> int:
+    """An integer recorded in a bundle document: a JSON number, or text in any base `int(_, 0)` reads."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -91,19 +92,21 @@ def _int(value: Any, what: str) -> int:
             return int(value, 0)
         except ValueError:
             pass
-    raise FormatError(f"measurement.json: {what} is not an integer")
+    raise FormatError(f"{source}: {what} is not an integer")
 
 
 def _sev_options(a: dict[str, Any]) -> SevOptions:
     ovmf_hash = a.get("snp_ovmf_hash")
     return SevOptions(
-        cpus=_int(a["vcpus"], "vcpus"),
+        cpus=as_int(a["vcpus"], "vcpus"),
         vcpu_type=a.get("vcpu_type"),
-        vcpu_sig=_int(a["vcpu_sig"], "vcpu_sig") if a.get("vcpu_type") is None and "vcpu_sig" in a else None,
+        vcpu_sig=as_int(a["vcpu_sig"], "vcpu_sig")
+        if a.get("vcpu_type") is None and "vcpu_sig" in a
+        else None,
         vmm=VmmType(a.get("vmm_type", "qemu")),
-        guest_features=_int(a.get("guest_features", "0x1"), "guest_features"),
+        guest_features=as_int(a.get("guest_features", "0x1"), "guest_features"),
         ovmf_hash=bytes.fromhex(ovmf_hash) if ovmf_hash else None,
-        vars_size=_int(a.get("vars_size", 0), "vars_size"),
+        vars_size=as_int(a.get("vars_size", 0), "vars_size"),
     )
 
 
@@ -121,18 +124,18 @@ def _options_for(
                 page_order=tdx.PageOrder(a["page_order"]),
                 initrd_placement=tdx.InitrdPlacement(a["initrd_placement"]),
                 patch_kernel=bool(a["kernel_patched"]),
-                memory_mib=None if memory is None else _int(memory, "memory_mib"),
+                memory_mib=None if memory is None else as_int(memory, "memory_mib"),
             ),
             None,
         )
     if tee.is_krun:
         k = KrunSpecOptions(
-            memory_mib=_int(a["memory_mib"], "memory_mib"),
-            kernel_load_addr=_int(a["kernel_load_addr"], "kernel_load_addr"),
+            memory_mib=as_int(a["memory_mib"], "memory_mib"),
+            kernel_load_addr=as_int(a["kernel_load_addr"], "kernel_load_addr"),
             e820=krun.E820Sizes(a["e820_sizes"]),
             fpu=krun.VmsaFpu(a["vmsa_fpu"]),
         )
-        return SevOptions(cpus=_int(a["vcpus"], "vcpus")), None, k
+        return SevOptions(cpus=as_int(a["vcpus"], "vcpus")), None, k
     return _sev_options(a), None, None
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from cwbuild.errors import FormatError, UsageError
 from cwbuild.fileio import read_json_object, sha256_file
 from cwbuild.launch.spec import LaunchSpec, Tee
+from cwbuild.measure.bundle import as_int
 
 MAX_DOCUMENT = 1 << 20
 RUNNABLE = (Tee.SNP, Tee.TDX, Tee.SIM)
@@ -35,14 +36,7 @@ def _load_json(path: Path, *, required: bool) -> dict[str, Any]:
 
 
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value, 0)
-        except ValueError:
-            pass
-    raise FormatError(f"bundle: {what} is not an integer")
+    return as_int(value, what, source="bundle")
 
 
 @dataclass(frozen=True)
