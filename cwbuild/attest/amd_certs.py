@@ -19,7 +19,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cwbuild.attest import der
 from cwbuild.attest.tcb import Product, TcbParts
-from cwbuild.attest.trust import AMD_PSS, OID_RSASSA_PSS, AmdRoots, TrustStore, cn, load_certs, valid_at
+from cwbuild.attest.trust import (
+    AMD_PSS,
+    OID_RSASSA_PSS,
+    AmdRoots,
+    TrustStore,
+    cn,
+    load_certs,
+    valid_at,
+    validity,
+)
 from cwbuild.attest.verdict import Findings
 from cwbuild.errors import FormatError
 
@@ -191,11 +200,7 @@ def verify_leaf_chain(
             f.fail("snp.chain_invalid", f"{cn(child.subject)} is not signed by {cn(parent.subject)}")
     for cert in (roots.ark, inter, leaf.cert):
         if not valid_at(cert, now):
-            f.fail(
-                "snp.cert_expired",
-                f"{cn(cert.subject)} is valid {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}.."
-                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not at {now:%Y-%m-%dT%H:%M:%SZ}",
-            )
+            f.fail("snp.cert_expired", f"{cn(cert.subject)} {validity(cert, now)}")
     _check_crls(crls, roots.ark, inter, f)
     if not isinstance(leaf.cert.public_key(), ec.EllipticCurvePublicKey):
         f.fail("snp.cert_malformed", "VCEK/VLEK key is not ECDSA")

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cwbuild.attest import der
-from cwbuild.attest.trust import TrustStore, cn, load_certs, valid_at
+from cwbuild.attest.trust import TrustStore, cn, load_certs, valid_at, validity
 from cwbuild.attest.verdict import Findings
 from cwbuild.errors import FormatError
 
@@ -135,9 +135,5 @@ def verify_intel_chain(
             ok = False
     for cert in chain:
         if not valid_at(cert, now):
-            f.fail(
-                "tdx.cert_expired",
-                f"{cn(cert.subject)!r} is valid {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}.."
-                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not at {now:%Y-%m-%dT%H:%M:%SZ}",
-            )
+            f.fail("tdx.cert_expired", f"{cn(cert.subject)!r} {validity(cert, now)}")
     return ok

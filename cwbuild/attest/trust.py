@@ -105,6 +105,14 @@ def valid_at(cert: x509.Certificate, now: datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
+def validity(cert: x509.Certificate, now: datetime) -> str:
+    """Why `valid_at` is False, for a finding: "is valid FROM..TO, not at NOW" (UTC)."""
+    return (
+        f"is valid {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}.."
+        f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not at {now:%Y-%m-%dT%H:%M:%SZ}"
+    )
+
+
 def _verify_amd(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     key = issuer.public_key()
     if cert.signature_algorithm_oid.dotted_string != OID_RSASSA_PSS or not isinstance(key, rsa.RSAPublicKey):
