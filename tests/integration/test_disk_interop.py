@@ -34,6 +34,11 @@ def _cs(*args: str | Path, input: bytes | None = None) -> subprocess.CompletedPr
     )
 
 
+def _encrypt(plaintext: Path, img: Path, passfile: Path, *opts: str) -> subprocess.CompletedProcess[bytes]:
+    """`cwbuild disk encrypt PLAINTEXT IMG --passphrase-file PASSFILE OPTS...`"""
+    return cwbuild(["disk", "encrypt", plaintext, img, "--passphrase-file", passfile, *opts])
+
+
 def _dump_volume_key(img: Path, passphrase: bytes) -> bytes:
     proc = _cs("luksDump", "--dump-volume-key", "-q", "--key-file=-", img, input=passphrase)
     assert proc.returncode == 0, proc.stderr
@@ -82,19 +87,9 @@ def test_cwbuild_image_opens_with_cryptsetup_and_luksy(
     fmt: str, sector: str, kdf: str | None, plaintext: Path, passfile: Path, tmp_path: Path
 ) -> None:
     img = tmp_path / "disk.img"
-    args = [
-        "disk",
-        "encrypt",
-        plaintext,
-        img,
-        "--format",
-        fmt,
-        "--sector-size",
-        sector,
-        "--passphrase-file",
-        passfile,
-    ]
-    proc = cwbuild([*args, *(["--kdf", kdf] if kdf else [])])
+    proc = _encrypt(
+        plaintext, img, passfile, "--format", fmt, "--sector-size", sector, *(["--kdf", kdf] if kdf else [])
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     dump = _cs("luksDump", img)
     assert dump.returncode == 0, dump.stderr
@@ -188,7 +183,7 @@ def test_cryptsetup_verifies_both_luks2_header_checksums(
     plaintext: Path, passfile: Path, tmp_path: Path
 ) -> None:
     img = tmp_path / "disk.img"
-    proc = cwbuild(["disk", "encrypt", plaintext, img, "--passphrase-file", passfile, "--kdf", "pbkdf2"])
+    proc = _encrypt(plaintext, img, passfile, "--kdf", "pbkdf2")
     assert proc.returncode == 0, proc.stderr.decode()
     dump = _cs("luksDump", "--debug", img)
     assert dump.returncode == 0, dump.stderr
@@ -209,19 +204,7 @@ def test_cryptsetup_adds_a_key_to_our_header_and_we_read_it(
 ) -> None:
     """cryptsetup validates our metadata before it writes (new keyslot, LUKS2 seqid bump, both copies)."""
     img = tmp_path / "disk.img"
-    args = [
-        "disk",
-        "encrypt",
-        plaintext,
-        img,
-        "--format",
-        fmt,
-        "--kdf",
-        "pbkdf2",
-        "--passphrase-file",
-        passfile,
-    ]
-    assert cwbuild(args).returncode == 0
+    assert _encrypt(plaintext, img, passfile, "--format", fmt, "--kdf", "pbkdf2").returncode == 0
     second = tmp_path / "second"
     second.write_bytes(b"another passphrase")
     second.chmod(0o600)
