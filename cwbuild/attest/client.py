@@ -52,6 +52,18 @@ def _refusal(resp: net.Response, what: str) -> AttestError:
     return AttestError(f"{what}: HTTP {resp.status} {detail}")
 
 
+def _on_workload(
+    method: str, url: str, token: str, workload_id: str, ca_file: Path | str | None, timeout: float
+) -> net.Response:
+    """`method` /v1/workloads/{id} (the id checked first) with the admin token."""
+    return net.request(
+        method,
+        _endpoint(url, "v1", "workloads", check_workload_id(workload_id)),
+        headers=_headers(token),
+        options=_options(ca_file, timeout, DEFAULT_RETRIES),
+    )
+
+
 def register_workload(  # noqa: PLR0913 - the build step's call signature (issue 5 item 6)
     url: str,
     token: str,
@@ -84,12 +96,7 @@ def get_workload(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
     """GET /v1/workloads/{id}: reference values and policy (never the secret)."""
-    resp = net.request(
-        "GET",
-        _endpoint(url, "v1", "workloads", check_workload_id(workload_id)),
-        headers=_headers(token),
-        options=_options(ca_file, timeout, DEFAULT_RETRIES),
-    )
+    resp = _on_workload("GET", url, token, workload_id, ca_file, timeout)
     if resp.status != 200:
         raise _refusal(resp, f"reading workload {workload_id}")
     try:
@@ -110,11 +117,6 @@ def delete_workload(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> None:
     """DELETE /v1/workloads/{id} (the rollback of `register_workload`); a missing workload is not an error."""
-    resp = net.request(
-        "DELETE",
-        _endpoint(url, "v1", "workloads", check_workload_id(workload_id)),
-        headers=_headers(token),
-        options=_options(ca_file, timeout, DEFAULT_RETRIES),
-    )
+    resp = _on_workload("DELETE", url, token, workload_id, ca_file, timeout)
     if resp.status not in (204, 404):
         raise _refusal(resp, f"deleting workload {workload_id}")
