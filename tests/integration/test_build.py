@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,21 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, podman: Podman, hello_image
     proc = build(args, env=podman.env)
     assert proc.returncode == 0, proc.stderr.decode()
     return Built(work / "a", passfile, secret, proc.stderr.decode())
+
+
+@contextmanager
+def _mounted_disk(disk: Path, passfile: Path, tmp_path: Path) -> Iterator[Path]:
+    """`disk` decrypted by `cwbuild disk decrypt` and loop-mounted read-only, unmounted afterwards."""
+    plain = tmp_path / "plain.img"
+    proc = cwbuild(["disk", "decrypt", disk, plain, "--passphrase-file", passfile])
+    assert proc.returncode == 0, proc.stderr.decode()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", plain, mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
 
 
 def test_bundle_layout(bundle: Built) -> None:
@@ -120,17 +136,9 @@ def test_disk_opens_with_cryptsetup(bundle: Built, tmp_path: Path) -> None:
 def test_disk_holds_exactly_the_image_files(
     bundle: Built, podman: Podman, hello_image: str, tmp_path: Path
 ) -> None:
-    plain = tmp_path / "plain.img"
-    proc = cwbuild(["disk", "decrypt", bundle.root / "disk.img", plain, "--passphrase-file", bundle.passfile])
-    assert proc.returncode == 0, proc.stderr.decode()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop,ro", plain, mnt], check=True)
-    try:
+    with _mounted_disk(bundle.root / "disk.img", bundle.passfile, tmp_path) as mnt:
         got, got_groups = full_tree_dir(mnt)
         config = json.loads((mnt / ".krun_config.json").read_text())
-    finally:
-        subprocess.run(["umount", mnt], check=True)
     want, want_groups, devices = full_tree_tar(podman.export(hello_image, tmp_path / "export.tar"))
     assert devices == []
     assert set(got) - set(want) == ADDED
@@ -469,16 +477,8 @@ def test_multilayer_image_disk_holds_exactly_its_files(podman: Podman, tmp_path:
     ]
     ok = subprocess.run(opened, check=False)
     assert ok.returncode == 0
-    plain = tmp_path / "plain.img"
-    proc = cwbuild(["disk", "decrypt", out / "disk.img", plain, "--passphrase-file", passfile])
-    assert proc.returncode == 0, proc.stderr.decode()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop,ro", plain, mnt], check=True)
-    try:
+    with _mounted_disk(out / "disk.img", passfile, tmp_path) as mnt:
         got, got_groups = full_tree_dir(mnt)
-    finally:
-        subprocess.run(["umount", mnt], check=True)
     want, want_groups, _ = full_tree_tar(podman.export(tag, tmp_path / "export.tar"))
     assert set(got) - set(want) == ADDED
     for path in want:
