@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from cwbuild.errors import ConfigError, UsageError
+from cwbuild.fileio import read_limited
 from cwbuild.launch.spec import MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, SNP_GENERATIONS, Tee
 
 #: DESIGN.md "Workload id": random 128-bit hex by default.
@@ -108,13 +109,7 @@ _FIELDS = {f.name for f in fields(BuildSpec)}
 
 def load_yaml(path: Path) -> dict[str, Any]:
     """A cwbuild.yaml as {field: value}, relative paths resolved against its directory."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    raw = read_limited(path, limit=MAX_CONFIG_BYTES, error=ConfigError)
     try:
         doc = yaml.safe_load(raw) or {}
     except yaml.YAMLError as exc:

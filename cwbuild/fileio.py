@@ -10,13 +10,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cwbuild.errors import FormatError
+from cwbuild.errors import CwbuildError, FormatError
 
 
 def sha256_file(path: Path) -> str:
     """Streaming sha256 of a file, hex (constant memory)."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_limited(path: Path, *, limit: int, error: type[CwbuildError], what: str = "") -> bytes:
+    """All of `path`, at most `limit` bytes; raises `error` naming "[WHAT ]PATH" when unreadable or larger."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise error(f"cannot read {name}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise error(f"{name} is larger than {limit} bytes")
+    return data
 
 
 def read_json(path: Path, *, limit: int) -> Any:

@@ -19,6 +19,7 @@ from cwbuild.attest.policy import Policy, load_policy_text
 from cwbuild.attest.verdict import Verdict
 from cwbuild.attest.verify import EvidenceRequest, Tee, verify_evidence
 from cwbuild.errors import UsageError
+from cwbuild.fileio import read_limited
 
 MAX_INPUT_BYTES = 1 << 20  # evidence, certificates, CRLs and collateral are all far smaller
 
@@ -37,14 +38,7 @@ class VerifyArgs:
 
 
 def _read(path: Path) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_INPUT_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_INPUT_BYTES:
-        raise UsageError(f"{path} is larger than {MAX_INPUT_BYTES} bytes")
-    return data
+    return read_limited(path, limit=MAX_INPUT_BYTES, error=UsageError)
 
 
 def parse_time(text: str | None) -> datetime:

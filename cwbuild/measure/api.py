@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cwbuild.errors import MeasurementError, UsageError
+from cwbuild.fileio import read_limited
 from cwbuild.measure import krun, sev, tdx
 from cwbuild.measure.digest import FileDigests, Wants, digest_file
 from cwbuild.measure.firmware import Firmware
@@ -159,14 +160,7 @@ def _hex(b: bytes | None) -> str | None:
 
 
 def _read_whole(path: Path, what: str) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_FIRMWARE + 1)
-    except OSError as exc:
-        raise MeasurementError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > MAX_FIRMWARE:
-        raise MeasurementError(f"{what} {path} is larger than {MAX_FIRMWARE} bytes")
-    return data
+    return read_limited(path, limit=MAX_FIRMWARE, error=MeasurementError, what=what)
 
 
 @dataclass(frozen=True)
