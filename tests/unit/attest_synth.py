@@ -135,6 +135,19 @@ def vcek_extensions(
     return tuple(exts)
 
 
+def crl_builder(
+    issuer: x509.Name, revoked: tuple[int, ...], *, next_update: datetime = NOW + timedelta(days=30)
+) -> x509.CertificateRevocationListBuilder:
+    """An unsigned CRL of `issuer` issued a day before NOW, listing `revoked` (revoked a day before NOW)."""
+    day_before = NOW - timedelta(days=1)
+    builder = x509.CertificateRevocationListBuilder().issuer_name(issuer)
+    builder = builder.last_update(day_before).next_update(next_update)
+    for serial in revoked:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(day_before)
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder
+
+
 @dataclass
 class AmdPki:
     """ARK -> ASK/ASVK -> VCEK/VLEK for one product, plus the keys to sign anything else."""
@@ -180,19 +193,7 @@ class AmdPki:
         )  # type: ignore[arg-type]
 
     def crl(self, revoked_serials: tuple[int, ...], signer: rsa.RSAPrivateKey | None = None) -> bytes:
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.ark.subject)
-            .last_update(NOW - timedelta(days=1))
-            .next_update(NOW + timedelta(days=30))
-        )
-        for serial in revoked_serials:
-            entry = (
-                x509.RevokedCertificateBuilder()
-                .serial_number(serial)
-                .revocation_date(NOW - timedelta(days=1))
-            )
-            builder = builder.add_revoked_certificate(entry.build())
+        builder = crl_builder(self.ark.subject, revoked_serials)
         crl = builder.sign(signer or self.ark_key, hashes.SHA384(), rsa_padding=AMD_PSS)
         return crl.public_bytes(Encoding.DER)
 
@@ -413,15 +414,7 @@ class IntelPki:
         *,
         next_update: datetime = NOW + timedelta(days=30),
     ) -> bytes:
-        builder = x509.CertificateRevocationListBuilder().issuer_name(issuer.subject)
-        builder = builder.last_update(NOW - timedelta(days=1)).next_update(next_update)
-        for serial in revoked:
-            entry = (
-                x509.RevokedCertificateBuilder()
-                .serial_number(serial)
-                .revocation_date(NOW - timedelta(days=1))
-            )
-            builder = builder.add_revoked_certificate(entry.build())
+        builder = crl_builder(issuer.subject, revoked, next_update=next_update)
         return builder.sign(issuer_key, hashes.SHA256()).public_bytes(Encoding.DER)
 
     def collateral(
