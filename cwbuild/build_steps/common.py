@@ -13,8 +13,7 @@ from cwbuild.disk.fs import FsSpec, make_filesystem
 from cwbuild.disk.kdf import KdfSpec, KdfType, default_kdf
 from cwbuild.disk.luks import LuksFormat, LuksSpec, encrypt_image
 from cwbuild.errors import SecretFileError, UsageError
-from cwbuild.image import open_image
-from cwbuild.image.rootfs import flatten
+from cwbuild.image import flatten_image as read_and_flatten
 from cwbuild.launch import check_krun_limits
 from cwbuild.secrets import read_passphrase_file, read_token_file
 
@@ -85,8 +84,9 @@ def _read_ca(path: Path) -> bytes:
 
 def flatten_image(ctx: BuildContext) -> StepArtifact | None:
     """The image's layers applied in order into the private work directory."""
-    image = ctx.stack.enter_context(open_image(ctx.spec.image, platform=ctx.spec.platform))
-    result = flatten(image, ctx.work / "rootfs")
+    image, result = read_and_flatten(
+        ctx.spec.image, ctx.work / "rootfs", ctx.stack, platform=ctx.spec.platform
+    )
     ctx.facts["image"] = {
         "ref": image.ref,
         "id": image.id,

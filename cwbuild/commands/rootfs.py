@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from cwbuild.image import DEFAULT_PLATFORM, open_image
-from cwbuild.image.rootfs import RootfsResult, flatten
+from cwbuild.image import DEFAULT_PLATFORM, flatten_image
+from cwbuild.image.rootfs import RootfsResult
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,8 @@ class RootfsArgs:
 
 
 def run_rootfs(args: RootfsArgs) -> RootfsResult:
-    with open_image(args.image, platform=args.platform) as image:
-        return flatten(image, args.dest)
+    with ExitStack() as stack:
+        return flatten_image(args.image, args.dest, stack, platform=args.platform)[1]
 
 
 @click.command("rootfs")

@@ -4,18 +4,22 @@ with open_image("localhost/app:latest") as image:
     image.id, image.manifest_digest, image.platform, image.config, image.created, image.layers
     with image.layer_stream(0) as tar_stream: ...          # uncompressed tar, digest + diff_id checked
     result = flatten(image, dest_dir)                       # cwbuild.image.rootfs
+with ExitStack() as stack:
+    image, result = flatten_image("localhost/app:latest", dest_dir, stack)  # Podman: while it exports
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from cwbuild.errors import ImageError
 from cwbuild.image.docker import open_docker_archive
 from cwbuild.image.model import Image, Layer, Platform
 from cwbuild.image.oci import TarBlobs, open_layout_archive, open_layout_dir
 from cwbuild.image.reference import ImageRef, Transport, parse_reference
+from cwbuild.image.rootfs import RootfsResult, flatten
 
 __all__ = [
     "DEFAULT_PLATFORM",
@@ -24,6 +28,7 @@ __all__ = [
     "Layer",
     "Platform",
     "Transport",
+    "flatten_image",
     "open_image",
     "parse_reference",
 ]
@@ -76,3 +81,18 @@ def open_image(ref: str | ImageRef, *, platform: str = DEFAULT_PLATFORM) -> Iter
     want = Platform.parse(platform)
     with ExitStack() as stack:
         yield _OPENERS[parsed.transport](parsed, want, stack)
+
+
+def flatten_image(
+    ref: str | ImageRef, dest: Path, stack: ExitStack, *, platform: str = DEFAULT_PLATFORM
+) -> tuple[Image, RootfsResult]:
+    """`open_image` + `rootfs.flatten`, except that an image in the Podman store is flattened while Podman
+    exports it (`stream.flatten_podman`). The image's resources live on `stack`; its layers were read once."""
+    parsed = parse_reference(ref) if isinstance(ref, str) else ref
+    want = Platform.parse(platform)
+    if parsed.transport is Transport.PODMAN:
+        from cwbuild.image.stream import flatten_podman  # noqa: PLC0415 - podman-py only when needed
+
+        return flatten_podman(parsed.name, str(parsed), want, dest, stack)
+    image = _OPENERS[parsed.transport](parsed, want, stack)
+    return image, flatten(image, dest)

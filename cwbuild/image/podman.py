@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import requests
 from podman import PodmanClient
+from podman.api.client import APIResponse
 from podman.errors import APIError, ImageNotFound, PodmanError
 
 from cwbuild import run
@@ -115,7 +116,13 @@ def _private_service() -> Iterator[str]:
 def open_podman_image(name: str, ref: str, platform: Platform, stack: ExitStack) -> Image:
     """Export `name` from the store into a private spool and open it; `stack` owns every resource."""
     client = stack.enter_context(podman_client())
-    attrs = _inspect(client, name)
+    return open_exported(client, inspect(client, name), ref, platform, stack)
+
+
+def open_exported(
+    client: PodmanClient, attrs: dict[str, Any], ref: str, platform: Platform, stack: ExitStack
+) -> Image:
+    """`open_podman_image` once the store's inspect data (`attrs`) is known."""
     image_id = str(attrs.get("Id", ""))
     spool_dir = Path(tempfile.mkdtemp(prefix="cwbuild-image-"))  # mode 0700
     stack.callback(shutil.rmtree, spool_dir, ignore_errors=True)
@@ -149,7 +156,7 @@ def _export_and_open(
     return open_docker_archive(blobs, ref)
 
 
-def _inspect(client: PodmanClient, name: str) -> dict[str, Any]:
+def inspect(client: PodmanClient, name: str) -> dict[str, Any]:
     try:
         attrs = client.images.get(name).attrs
     except ImageNotFound as exc:
@@ -163,13 +170,22 @@ def _inspect(client: PodmanClient, name: str) -> dict[str, Any]:
     return attrs
 
 
-def _export(client: PodmanClient, image_id: str, dest: Path, fmt: str) -> Path:
+def export_response(client: PodmanClient, image_id: str, fmt: str) -> APIResponse:
+    """The export request, its body not read yet (the caller closes the response)."""
     try:
         response = client.api.get(
             f"/images/{quote(image_id, safe='')}/get", params={"format": fmt}, stream=True
         )
         response.raise_for_status()
-        with dest.open("xb") as out:
+    except (APIError, PodmanError, OSError, requests.RequestException) as exc:
+        raise ImageError(f"exporting {image_id[:12]} through the Podman API failed: {exc}") from exc
+    return response
+
+
+def _export(client: PodmanClient, image_id: str, dest: Path, fmt: str) -> Path:
+    response = export_response(client, image_id, fmt)
+    try:
+        with closing(response), dest.open("xb") as out:
             for chunk in response.iter_content(CHUNK):
                 out.write(chunk)
         return dest

@@ -34,8 +34,11 @@ import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Self
 
@@ -88,9 +91,22 @@ class _State:
     root_entry: tarfile.TarInfo | None = None
 
 
+#: Opens one layer's uncompressed tar, checked against its digests when the block exits normally.
+LayerOpener = Callable[[], AbstractContextManager[BinaryIO]]
+
+
 def flatten(image: Image, dest: str | os.PathLike[str], *, limits: Limits | None = None) -> RootfsResult:
     """Apply `image`'s layers in order into `dest`, which must not exist; it is created (0700 while being
     written) and removed again if anything fails."""
+    return flatten_layers(
+        [partial(image.layer_stream, i) for i in range(len(image.layers))], dest, limits=limits
+    )
+
+
+def flatten_layers(
+    layers: Iterable[LayerOpener], dest: str | os.PathLike[str], *, limits: Limits | None = None
+) -> RootfsResult:
+    """`flatten` of layers given as openers, called in order (a streamed export opens them as they come)."""
     path = Path(dest)
     try:
         os.mkdir(path, 0o700)
@@ -105,8 +121,8 @@ def flatten(image: Image, dest: str | os.PathLike[str], *, limits: Limits | None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         root = Root(fd)
-        for index in range(len(image.layers)):
-            with image.layer_stream(index) as stream:
+        for index, opener in enumerate(layers):
+            with opener() as stream:
                 apply_layer(stream, root, state, what=f"layer {index + 1}")
         _finish_root(fd, state)
     except BaseException:
