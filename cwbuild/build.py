@@ -92,7 +92,7 @@ def steps_for(spec: BuildSpec) -> list[tuple[str, Step]]:
     head: list[tuple[str, Step]] = [
         ("check inputs", common.check_inputs),
         ("flatten image", common.flatten_image),
-        ("make filesystem", common.make_fs),
+        (common.MAKE_FS_STEP, common.make_fs),
     ]
     if spec.target is BuildTarget.KRUN:
         body: list[tuple[str, Step]] = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cwbuild.attest import wrap
@@ -25,6 +26,9 @@ MAX_CA_BYTES = 256 * 1024
 #: (cw-format.md §8 "Passphrase: ASCII, no NUL or newline, <= 245 bytes").
 KRUN_MAX_PASSPHRASE = 245
 DISK_IMG = "disk.img"
+#: build.steps_for's name of make_fs (its manifest record gets the image digest once it is known).
+MAKE_FS_STEP = "make filesystem"
+_PENDING = "pending filesystem work"
 
 
 def check_inputs(ctx: BuildContext) -> StepArtifact | None:
@@ -111,11 +115,25 @@ def make_fs(ctx: BuildContext) -> StepArtifact | None:
         config=ctx.facts["image_config"],
         slop=ctx.spec.slop,
     )
-    fs = make_filesystem(ctx.work / "rootfs", ctx.work / "fs.img", spec=spec)
-    shutil.rmtree(ctx.work / "rootfs")
-    sha = fs.sha256 or sha256_file(fs.path)
-    ctx.facts["filesystem"] = {"sha256": sha, "size": fs.size, "type": "ext4"}
-    return StepArtifact("ext4 (plaintext, not kept)", sha, fs.size)
+    fs = make_filesystem(ctx.work / "rootfs", ctx.work / "fs.img", spec=spec, digest=False)
+    # Removing the rootfs and hashing the image are kernel and hashlib work that release the GIL: they run in
+    # threads while the encryption workers run, and encrypt_disk waits for both (_settle).
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cwbuild-fs")
+    ctx.stack.callback(pool.shutdown)  # before the work directory's removal (LIFO): no thread outlives it
+    ctx.facts[_PENDING] = (pool.submit(shutil.rmtree, ctx.work / "rootfs"), pool.submit(sha256_file, fs.path))
+    ctx.facts["filesystem"] = {"sha256": None, "size": fs.size, "type": "ext4"}
+    return StepArtifact("ext4 (plaintext, not kept)", None, fs.size)
+
+
+def _settle(ctx: BuildContext) -> None:
+    """The rootfs is gone and the image's sha256 is in the manifest facts and the make-filesystem record."""
+    removed, digest = ctx.facts.pop(_PENDING)
+    removed.result()
+    sha = digest.result()
+    ctx.facts["filesystem"]["sha256"] = sha
+    for record in ctx.steps:
+        if record["step"] == MAKE_FS_STEP:
+            record["sha256"] = sha
 
 
 def luks_spec(ctx: BuildContext) -> LuksSpec:
@@ -133,6 +151,7 @@ def encrypt_disk(ctx: BuildContext) -> StepArtifact | None:
     footer = ctx.facts.get("krun_config_json")
     plain = ctx.work / "fs.img"
     encrypt_image(plain, ctx.stage / DISK_IMG, spec=spec, passphrase=ctx.passphrase, krun_footer=footer)
+    _settle(ctx)
     plain.unlink()
     ctx.facts["disk"] = {
         "format": spec.format.value,

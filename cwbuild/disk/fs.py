@@ -190,8 +190,9 @@ def content_size(root: Path) -> tuple[int, int]:
     return total, entries + 1
 
 
-def make_filesystem(rootfs: Path, out: Path, *, spec: FsSpec) -> Artifact:
-    """Write `out`, a reproducible ext4 image of `rootfs` (which gets the two config files added)."""
+def make_filesystem(rootfs: Path, out: Path, *, spec: FsSpec, digest: bool = True) -> Artifact:
+    """Write `out`, a reproducible ext4 image of `rootfs` (which gets the two config files added); its sha256
+    too unless `digest` is False (the build hashes it while encrypting it)."""
     _write_config_files(rootfs, spec)
     used, entries = content_size(rootfs)
     size = spec.size or with_overhead(apply_slop(used, spec.slop))
@@ -216,7 +217,7 @@ def make_filesystem(rootfs: Path, out: Path, *, spec: FsSpec) -> Artifact:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Artifact(out, size, file_sha256(out))
+    return Artifact(out, size, file_sha256(out) if digest else None)
 
 
 def used_inodes(image: Path, env: Mapping[str, str]) -> list[int]:
