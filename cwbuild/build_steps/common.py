@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +31,10 @@ DISK_IMG = "disk.img"
 #: build.steps_for's name of make_fs (its manifest record gets the image digest once it is known).
 MAKE_FS_STEP = "make filesystem"
 _PENDING = "pending filesystem work"
+#: The memory file system for plaintext (tmpfs, mounted by systemd/initramfs on every Debian host).
+MEMORY_FS = "/dev/shm"  # noqa: S108 - only a private mkdtemp directory (0700, unpredictable name) is made there
+#: Plaintext bytes per image byte at the peak: the rootfs plus an ext4 image of it with 25% slop and metadata.
+PLAINTEXT_FACTOR = 3
 
 
 def check_inputs(ctx: BuildContext) -> StepArtifact | None:
@@ -89,7 +95,10 @@ def _read_ca(path: Path) -> bytes:
 def flatten_image(ctx: BuildContext) -> StepArtifact | None:
     """The image's layers applied in order into the private work directory."""
     image, result = read_and_flatten(
-        ctx.spec.image, ctx.work / "rootfs", ctx.stack, platform=ctx.spec.platform
+        ctx.spec.image,
+        lambda size: _plaintext_dir(ctx, size) / "rootfs",
+        ctx.stack,
+        platform=ctx.spec.platform,
     )
     ctx.facts["image"] = {
         "ref": image.ref,
@@ -101,7 +110,35 @@ def flatten_image(ctx: BuildContext) -> StepArtifact | None:
         "skipped_devices": list(result.skipped_devices),
     }
     ctx.facts["image_config"] = image.runtime_config
-    return StepArtifact("rootfs", None, result.bytes, {"entries": result.entries})
+    place = "memory" if ctx.work.is_relative_to(MEMORY_FS) else "disk"
+    return StepArtifact("rootfs", None, result.bytes, {"entries": result.entries, "plaintext_on": place})
+
+
+def _plaintext_dir(ctx: BuildContext, image_size: int | None) -> Path:
+    """Where the plaintext (rootfs, then the ext4 image) is written: a private directory in the memory file
+    system when both fit with room to spare (file creation there costs a fraction of a disk file system's,
+    and the plaintext never reaches a disk), else the private work directory beside the output. Either is
+    0700 and removed on every exit path; `ctx.work` becomes the one chosen."""
+    if image_size is None or not _fits_in_memory(image_size):
+        return ctx.work
+    work = Path(tempfile.mkdtemp(prefix=".cwbuild-plain-", dir=MEMORY_FS))  # 0700 (tempfile)
+    ctx.stack.callback(shutil.rmtree, work, ignore_errors=True)
+    ctx.work = work
+    return work
+
+
+def _fits_in_memory(image_size: int) -> bool:
+    """The rootfs and the ext4 image (content + slop + metadata) exist together for a moment: allow it when
+    that is at most half of both the memory file system's free space and the memory available."""
+    need = image_size * PLAINTEXT_FACTOR + (64 << 20)
+    try:
+        st = os.statvfs(MEMORY_FS)
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024  # proc(5): kB
+    except (OSError, KeyError, ValueError):
+        return False
+    return need <= min(st.f_bavail * st.f_frsize, available) // 2
 
 
 def make_fs(ctx: BuildContext) -> StepArtifact | None:

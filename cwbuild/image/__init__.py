@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from cwbuild.errors import ImageError
+from cwbuild.image.blobs import Compression
 from cwbuild.image.docker import open_docker_archive
 from cwbuild.image.model import Image, Layer, Platform
 from cwbuild.image.oci import TarBlobs, open_layout_archive, open_layout_dir
@@ -83,8 +84,13 @@ def open_image(ref: str | ImageRef, *, platform: str = DEFAULT_PLATFORM) -> Iter
         yield _OPENERS[parsed.transport](parsed, want, stack)
 
 
+#: Where a flatten writes: a path, or a function of the image's uncompressed size (None when unknown, e.g.
+#: compressed layers) called once, before anything is written.
+Destination = Path | Callable[[int | None], Path]
+
+
 def flatten_image(
-    ref: str | ImageRef, dest: Path, stack: ExitStack, *, platform: str = DEFAULT_PLATFORM
+    ref: str | ImageRef, dest: Destination, stack: ExitStack, *, platform: str = DEFAULT_PLATFORM
 ) -> tuple[Image, RootfsResult]:
     """`open_image` + `rootfs.flatten`, except that an image in the Podman store is flattened while Podman
     exports it (`stream.flatten_podman`). The image's resources live on `stack`; its layers were read once."""
@@ -95,4 +101,11 @@ def flatten_image(
 
         return flatten_podman(parsed.name, str(parsed), want, dest, stack)
     image = _OPENERS[parsed.transport](parsed, want, stack)
-    return image, flatten(image, dest)
+    plain = all(layer.compression is Compression.NONE for layer in image.layers)
+    return image, flatten(
+        image, resolve_destination(dest, sum(ly.size for ly in image.layers) if plain else None)
+    )
+
+
+def resolve_destination(dest: Destination, size: int | None) -> Path:
+    return dest if isinstance(dest, Path) else dest(size)

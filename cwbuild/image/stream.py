@@ -29,6 +29,7 @@ import requests
 import urllib3
 
 from cwbuild.errors import DigestMismatchError, FormatError, ImageError
+from cwbuild.image import Destination, resolve_destination
 from cwbuild.image.blobs import CHUNK, Digest, HashingReader, check
 from cwbuild.image.docker import DOCKER_TAR
 from cwbuild.image.model import (
@@ -49,13 +50,22 @@ _DRAIN_ERRORS = (OSError, *_NETWORK_ERRORS)
 
 
 def flatten_podman(
-    name: str, ref: str, platform: Platform, dest: Path, stack: ExitStack, *, limits: Limits | None = None
+    name: str,
+    ref: str,
+    platform: Platform,
+    dest: Destination,
+    stack: ExitStack,
+    *,
+    limits: Limits | None = None,
 ) -> tuple[Image, RootfsResult]:
-    """The image `name` from the store flattened into `dest` (which must not exist), and the image read."""
+    """The image `name` from the store flattened into `dest` (which must not exist; a function of the store's
+    size for the image), and the image read."""
     from cwbuild.image import podman  # noqa: PLC0415 - podman-py only when needed
 
     client = stack.enter_context(podman.podman_client())
     attrs = podman.inspect(client, name)
+    size = attrs.get("Size")
+    dest = resolve_destination(dest, size if isinstance(size, int) and size >= 0 else None)
     image_id = str(attrs.get("Id", "")).removeprefix("sha256:")
     diff_ids = _store_layers(attrs)
     response = None
