@@ -3,9 +3,9 @@
 The layer holds the bundle's files (for `--target krun`, exactly buildah mkcw's four: entrypoint,
 krun-sev.json, tmp/, disk.img, so crun + libkrun run it as buildah's). Labels say what it is, so
 `cwbuild inspect IMAGE` and `podman image inspect` show the workload without unpacking it. The layer is
-produced deterministically (sorted names, owner 0, mtime SOURCE_DATE_EPOCH) and an oci-archive around it
-(OCI image-layout spec: oci-layout, index.json, blobs/sha256/...) is streamed to `POST /images/load`: the
-bundle's files are read twice (digest, then send) and never copied to a temporary file.
+produced deterministically (sorted names, owner 0, mtime SOURCE_DATE_EPOCH) and a docker-archive around it
+(layer, then config, then manifest.json) is streamed to `POST /images/load` in one pass: the bundle's files
+are read once and never copied to a temporary file.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ LABEL_PREFIX = "org.cwbuild."
 LABEL_BUNDLE = LABEL_PREFIX + "bundle"
 #: buildah mkcw's image layer (cw-format.md §1.3), in the order `buildah push` writes it (sorted).
 KRUN_LAYER = ("disk.img", "entrypoint", "krun-sev.json", "tmp")
-MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
 CHUNK = 1 << 20
+#: The layer's name in the docker-archive (any name works: manifest.json lists it).
+DOCKER_LAYER = "layer.tar"
 
 
 def labels(ctx: BuildContext) -> dict[str, str]:
@@ -107,14 +106,6 @@ def layer_stream(root: Path, *, target: BuildTarget, mtime: int) -> Iterator[byt
     yield bytes(2 * tarfile.BLOCKSIZE)  # end-of-archive marker (POSIX ustar: two zero blocks)
 
 
-def _digest_of(chunks: Iterator[bytes]) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    for chunk in chunks:
-        h.update(chunk)
-        size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
-
-
 def _blob(data: bytes) -> tuple[str, bytes]:
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
@@ -133,48 +124,43 @@ def image_config(ctx: BuildContext, diff_id: str, created: str) -> dict[str, Any
     }
 
 
-def oci_archive_stream(ctx: BuildContext, created: str, mtime: int) -> Iterator[bytes]:
-    """An oci-archive (OCI image-layout spec: oci-layout, index.json, blobs/sha256/...) of the bundle,
-    streamed: a first pass over the files computes the layer's digest and size, the second sends it."""
+def layer_size(root: Path, *, target: BuildTarget, mtime: int) -> int:
+    """The length of `layer_stream`'s output, from the headers and file sizes alone (no data read)."""
+    size = 2 * tarfile.BLOCKSIZE
+    for path in _members(root, target):
+        info = _tarinfo(path, path.relative_to(root).as_posix(), mtime)
+        size += len(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        size += info.size + (-info.size % tarfile.BLOCKSIZE)
+    return size
+
+
+def docker_archive_stream(ctx: BuildContext, created: str, mtime: int) -> Iterator[bytes]:
+    """A docker-archive (moby image/spec/v1.2.md "Combined Image JSON + Filesystem Changeset Format") of the
+    bundle in one pass: the layer first, as `layer.tar`, hashed while it is sent; then the config naming that
+    diff_id; then manifest.json, which a reader finds wherever it is (Podman spools the upload and reads it as
+    a file). Podman loads this format as it is; an oci-archive it first unpacks into a temporary layout, which
+    cost 6.4-6.8 s against 3.9 s for the bench's 450 MB bundle."""
     root, target = ctx.spec.output, ctx.spec.target
-    diff_id, size = _digest_of(layer_stream(root, target=target, mtime=mtime))
-    cfg_digest, cfg = _blob(json.dumps(image_config(ctx, diff_id, created), sort_keys=True).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MEDIA_MANIFEST,
-        "config": {"mediaType": MEDIA_CONFIG, "digest": cfg_digest, "size": len(cfg)},
-        "layers": [{"mediaType": MEDIA_LAYER, "digest": diff_id, "size": size}],
-    }
-    man_digest, man = _blob(json.dumps(manifest, sort_keys=True).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": MEDIA_MANIFEST, "digest": man_digest, "size": len(man)}],
-    }
-    small = {
-        "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
-        "index.json": json.dumps(index).encode(),
-        f"blobs/sha256/{cfg_digest[7:]}": cfg,
-        f"blobs/sha256/{man_digest[7:]}": man,
-    }
-    for name in ("blobs", "blobs/sha256"):
-        info = tarfile.TarInfo(name)
-        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, mtime
-        yield from _member(info, None)
-    for name, data in small.items():
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, mtime
-        yield from _member(info, data)
-    info = tarfile.TarInfo(f"blobs/sha256/{diff_id[7:]}")
+    size = layer_size(root, target=target, mtime=mtime)
+    info = tarfile.TarInfo(DOCKER_LAYER)
     info.size, info.mode, info.mtime = size, 0o644, mtime
     yield info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
-    sent = 0
+    h, sent = hashlib.sha256(), 0
     for chunk in layer_stream(root, target=target, mtime=mtime):
+        h.update(chunk)
         sent += len(chunk)
         yield chunk
     if sent != size:
         raise BuildError("the bundle changed while it was being stored as an image")
-    if size % tarfile.BLOCKSIZE:
-        yield bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
+    yield bytes(-size % tarfile.BLOCKSIZE)
+    cfg_digest, cfg = _blob(
+        json.dumps(image_config(ctx, f"sha256:{h.hexdigest()}", created), sort_keys=True).encode()
+    )
+    manifest = json.dumps([{"Config": f"{cfg_digest[7:]}.json", "RepoTags": None, "Layers": [DOCKER_LAYER]}])
+    for name, data in ((f"{cfg_digest[7:]}.json", cfg), ("manifest.json", manifest.encode())):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, mtime
+        yield from _member(info, data)
     yield bytes(2 * tarfile.BLOCKSIZE)
 
 
@@ -227,9 +213,9 @@ def _load(body: Iterator[bytes], tag: str) -> tuple[str, Callable[[], None]]:
 
 
 def store_bundle_image(ctx: BuildContext, tag: str) -> tuple[str, Callable[[], None]]:
-    """Stream the bundle as an oci-archive into Podman and tag it; returns (image id, undo)."""
+    """Stream the bundle as a docker-archive into Podman and tag it; returns (image id, undo)."""
     epoch = int(ctx.facts["source_date_epoch"])
-    return _load(oci_archive_stream(ctx, _rfc3339(epoch), epoch), tag)
+    return _load(docker_archive_stream(ctx, _rfc3339(epoch), epoch), tag)
 
 
 def _rfc3339(epoch: int) -> str:
