@@ -3,7 +3,8 @@
 Each step is a function of the `BuildContext` returning the artifact it made (bundle-relative path, sha256,
 size) or None; `run_build` times it, shows progress and records it in manifest.json. Where things live:
 
-  - `ctx.work`: a 0700 directory beside the output holding the plaintext (rootfs, ext4 image); removed on
+  - `ctx.work`: a 0700 directory holding the plaintext (rootfs, ext4 image): beside the output, or in
+    /dev/shm when the image fits there with room to spare (build_steps.common._plaintext_dir); removed on
     every exit path, including SIGTERM and Ctrl-C.
   - `ctx.stage`: a 0700 directory beside the output where the bundle is assembled; renamed onto the output
     directory only after every step succeeded, removed otherwise.
