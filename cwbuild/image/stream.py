@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import shutil
 import tarfile
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ from cwbuild.image.model import (
 from cwbuild.image.oci import MAX_ARCHIVE_MEMBERS
 from cwbuild.image.rootfs import Limits, RootfsResult, flatten, flatten_layers
 
+log = logging.getLogger("cwbuild.image.stream")
 _NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
 #: What a failed layer's remainder is drained through to tell a corrupt blob from a bad tar.
 _DRAIN_ERRORS = (OSError, *_NETWORK_ERRORS)
@@ -115,9 +117,7 @@ def flatten_export(  # noqa: PLR0913 - keyword-only facts from the store's inspe
 
 
 def _log_fallback(why: str) -> None:
-    import logging  # noqa: PLC0415 - only on this rare path
-
-    logging.getLogger("cwbuild.image.stream").debug("docker-archive refused (%s); spooling instead", why)
+    log.debug("docker-archive refused (%s); spooling instead", why)
 
 
 def _store_layers(attrs: dict[str, Any]) -> list[str] | None:
