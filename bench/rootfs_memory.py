@@ -43,6 +43,11 @@ class _RandomReader(io.RawIOBase):
 
 def _layer(path: Path, files: list[tuple[str, int]], seed: int) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        # Like every real build tool, a layer lists the directories it writes into.
+        for parent in sorted({str(Path(name).parent) for name, _ in files} - {"."}):
+            info = tarfile.TarInfo(parent)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tar.addfile(info)
         for i, (name, size) in enumerate(files):
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = size, 0o644, 1_700_000_000
