@@ -125,11 +125,10 @@ def flatten_image(ctx: BuildContext) -> StepArtifact | None:
         "rootfs_source": "export" if mounted is None else "podman-mount",
     }
     ctx.facts["image_config"] = image.runtime_config
-    place = "memory" if ctx.work.is_relative_to(MEMORY_FS) else "disk"  # the ext4 image's plaintext
-    extra = {"entries": result.entries, "plaintext_on": place}
+    place = "memory" if ctx.work.is_relative_to(MEMORY_FS) else "disk"
     if mounted is not None:
-        extra["rootfs_in"] = "podman store"
-    return StepArtifact("rootfs", None, result.bytes, extra)
+        place = "podman store"
+    return StepArtifact("rootfs", None, result.bytes, {"entries": result.entries, "plaintext_on": place})
 
 
 def _mount_rootfs(ctx: BuildContext) -> MountedRootfs | None:

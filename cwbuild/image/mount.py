@@ -26,7 +26,6 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -101,12 +100,10 @@ def _mount(client: PodmanClient, attrs: dict[str, Any], ref: str, stack: ExitSta
         raise _NoMount("the config's layers are not the store's RootFS.Layers")
     sizes, chain = _layers(graph_root, driver, image_id, diff_ids)
     check = _overlay_check(chain) if driver == "overlay" else _vfs_check(chain)
-    # Undone first, then done: a SIGTERM during the request must not leave a container (or mount) behind.
-    cid = f"cwbuild-rootfs-{os.urandom(6).hex()}"
+    cid = _create(client, image_id)
     stack.callback(_remove, client, cid)
-    _create(client, image_id, cid)
-    stack.callback(_unmount, client, cid)
     path = _mount_container(client, cid)
+    stack.callback(_unmount, client, cid)
     _check_container(client, cid, image_id)
     entries, total = _scan(path, check)
     digest = attrs.get("Digest")
@@ -211,20 +208,21 @@ def _nanoseconds(text: str) -> int:
     return whole * 10**9 + int((m.group(2) or "0").ljust(9, "0"))
 
 
-def _create(client: PodmanClient, image_id: str, name: str) -> None:
+def _create(client: PodmanClient, image_id: str) -> str:
     # libpod SpecGenerator: never started, so the command is never looked up.
     spec = {
         "image": image_id,
         "command": ["/.cwbuild-never-run"],
         "netns": {"nsmode": "none"},
         "image_volume_mode": "ignore",
-        "name": name,
+        "name": f"cwbuild-rootfs-{os.urandom(6).hex()}",
     }
     try:
         response = client.api.post(
             "/containers/create", data=json.dumps(spec), headers={"content-type": "application/json"}
         )
         response.raise_for_status()
+        return str(response.json()["Id"])
     except _API_ERRORS as exc:
         raise _NoMount(f"creating a container from the image failed: {exc}") from None
 
@@ -256,24 +254,18 @@ def _check_container(client: PodmanClient, cid: str, image_id: str) -> None:
 
 
 def _unmount(client: PodmanClient, cid: str) -> None:
-    _undo(client, "post", f"/containers/{quote(cid, safe='')}/unmount", cid, "unmounting")
+    try:
+        client.api.post(f"/containers/{quote(cid, safe='')}/unmount").raise_for_status()
+    except _API_ERRORS as exc:
+        log.warning("unmounting container %s failed: %s", cid[:12], exc)
 
 
 def _remove(client: PodmanClient, cid: str) -> None:
-    _undo(client, "delete", f"/containers/{quote(cid, safe='')}?force=true&v=true", cid, "removing")
-
-
-def _undo(client: PodmanClient, method: str, path: str, cid: str, what: str) -> None:
-    """A cleanup request; a container that was never made (404) is nothing to undo."""
     try:
-        response = getattr(client.api, method)(path)
-        if response.status_code != HTTPStatus.NOT_FOUND:
-            response.raise_for_status()
-    except APIError as exc:
-        if getattr(exc, "status_code", None) != HTTPStatus.NOT_FOUND and "no such container" not in str(exc):
-            log.warning("%s container %s failed: %s (podman rm -f %s)", what, cid, exc, cid)
+        response = client.api.delete(f"/containers/{quote(cid, safe='')}", params={"force": True, "v": True})
+        response.raise_for_status()
     except _API_ERRORS as exc:
-        log.warning("%s container %s failed: %s (podman rm -f %s)", what, cid, exc, cid)
+        log.warning("removing container %s failed: %s (podman rm -f %s)", cid[:12], exc, cid[:12])
 
 
 #: An image's layer directories in the store, top first, each with when it was recorded there (ns).

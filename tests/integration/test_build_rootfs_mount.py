@@ -7,18 +7,13 @@ which path was taken, and no container is left in the store."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.imagekit import E, docker_archive, layer_tar
-from tests.integration.build_support import KIT_CACHE, build, passphrase_file
+from tests.integration.build_support import build, passphrase_file
 from tests.integration.podman_env import Podman, hello_image, podman
 from tests.integration.test_build import _rich_layers
 
@@ -101,22 +96,3 @@ def test_multilayer_mount_and_export_give_the_same_filesystem(
     exported, source = _fs(podman, tag, "export", tmp_path)
     assert source == "export"
     assert mounted == exported
-
-
-def test_sigterm_while_mounted_leaves_no_container(podman: Podman, hello_image: str, tmp_path: Path) -> None:
-    passfile, _ = passphrase_file(tmp_path / "s")
-    parent = tmp_path / "out"
-    parent.mkdir()
-    argv = [sys.executable, "-m", "cwbuild", "build", "--kit-cache", str(KIT_CACHE), "--offline", hello_image]
-    argv += ["-o", str(parent / "b"), "--target", "krun", "--passphrase-file", str(passfile)]
-    proc = subprocess.Popen(argv, env={**os.environ, **podman.env}, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    containers = podman.root / "graph/vfs-containers/containers.json"  # containers/storage's record
-    while b"cwbuild-rootfs-" not in (containers.read_bytes() if containers.exists() else b""):
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
-    assert podman("ps", "--all", "--quiet").stdout.strip() == ""
-    assert list(parent.iterdir()) == []
