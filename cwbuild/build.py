@@ -14,7 +14,6 @@ size) or None; `run_build` times it, shows progress and records it in manifest.j
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ from rich.console import Console
 
 from cwbuild.config import BuildSpec, BuildTarget
 from cwbuild.errors import BuildError, CwbuildError, UsageError
+from cwbuild.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ class BuildResult:
     development_only: bool
     registered: bool
     tag: str | None
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_artifact(ctx: BuildContext, rel: str, **detail: Any) -> StepArtifact:

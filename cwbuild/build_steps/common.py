@@ -10,12 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cwbuild.attest import wrap
-from cwbuild.build import BuildContext, StepArtifact, file_artifact, sha256_file
+from cwbuild.build import BuildContext, StepArtifact, file_artifact
 from cwbuild.config import BuildTarget
 from cwbuild.disk.fs import FsSpec, make_filesystem
 from cwbuild.disk.kdf import KdfSpec, KdfType, default_kdf
 from cwbuild.disk.luks import LuksFormat, LuksSpec, encrypt_image
 from cwbuild.errors import SecretFileError, UsageError
+from cwbuild.fileio import sha256_file
 from cwbuild.image import flatten_image as read_and_flatten
 from cwbuild.launch import check_krun_limits
 from cwbuild.secrets import read_passphrase_file, read_token_file

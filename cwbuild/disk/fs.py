@@ -27,8 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cwbuild.disk.luks import Artifact, file_sha256
+from cwbuild.disk.luks import Artifact
 from cwbuild.errors import DiskError, UsageError
+from cwbuild.fileio import sha256_file
 from cwbuild.run import run
 
 #: Runtime keys copied from the image config (spec §4.5 "Compatibility recommendation").
@@ -217,7 +218,7 @@ def make_filesystem(rootfs: Path, out: Path, *, spec: FsSpec, digest: bool = Tru
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Artifact(out, size, file_sha256(out) if digest else None)
+    return Artifact(out, size, sha256_file(out) if digest else None)
 
 
 def used_inodes(image: Path, env: Mapping[str, str]) -> list[int]:

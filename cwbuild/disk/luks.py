@@ -22,7 +22,6 @@ from cwbuild.disk.header import LUKS_SECTOR, Keyslot, LuksHeader, VolumeDigest
 from cwbuild.disk.kdf import KdfLimits, KdfSpec, KdfType, derive, pbkdf2
 from cwbuild.disk.xts import SECTOR_SIZES, SectorCrypt, Span, XtsParams, crypt_span
 from cwbuild.errors import DiskError, FormatError
-from cwbuild.fileio import sha256_file
 
 VOLUME_KEY_SIZE = 64  # aes-xts-plain64 with a 512-bit key (DESIGN.md; cw-format.md §1.7)
 SALT_SIZE = 32  # LUKS1 LUKS_SALTSIZE; cryptsetup uses 32-byte salts in LUKS2 too
@@ -263,7 +262,3 @@ def decrypt_image(
         params = XtsParams(key, header.sector_size, plain64=header.plain64)
         crypt_span(span, params=params, encrypt=False, workers=workers, progress=progress)
     return Artifact(out, length)
-
-
-#: The one streaming file sha256 (cwbuild.fileio), under the name disk/fs.py and its tests import.
-file_sha256 = sha256_file

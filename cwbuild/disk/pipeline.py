@@ -2,7 +2,7 @@
 
 DESIGN.md rule: temporary plaintext lives in a private (0700) directory and is removed on every exit path.
 The ext4 image's digest is returned (it is what reproducibility is about); the disk's is not computed here
-(its ciphertext is fresh every time; call `luks.file_sha256` if a manifest wants it).
+(its ciphertext is fresh every time; call `fileio.sha256_file` if a manifest wants it).
 """
 
 from __future__ import annotations

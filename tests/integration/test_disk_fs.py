@@ -180,8 +180,9 @@ def test_small_slop_still_fits(slop: str, tmp_path: Path) -> None:
 
 
 def test_make_encrypted_disk_leaves_no_plaintext(tmp_path: Path) -> None:
-    from cwbuild.disk.luks import LuksSpec, decrypt_image, file_sha256
+    from cwbuild.disk.luks import LuksSpec, decrypt_image
     from cwbuild.disk.pipeline import make_encrypted_disk
+    from cwbuild.fileio import sha256_file
 
     tree = tmp_path / "t"
     (tree / "etc").mkdir(parents=True)
@@ -194,7 +195,7 @@ def test_make_encrypted_disk_leaves_no_plaintext(tmp_path: Path) -> None:
     )
     assert list(work.iterdir()) == []  # the private plaintext directory is gone
     decrypt_image(result.disk.path, tmp_path / "plain", passphrase=b"p")
-    assert file_sha256(tmp_path / "plain") == result.filesystem.sha256
+    assert sha256_file(tmp_path / "plain") == result.filesystem.sha256
     with pytest.raises(Exception, match="empty"):
         make_encrypted_disk(tree, tmp_path / "d2.img", fs=spec, luks=LuksSpec(), passphrase=b"", workdir=work)
     assert list(work.iterdir()) == []
