@@ -40,6 +40,8 @@ DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY_MIB = {"qemu": 2048, "krun": 512}
 MAX_CONFIG_BYTES = 1 << 20
+#: --rootfs-via: a Podman store image mounted in place (root only, else exported), or always exported.
+ROOTFS_VIA = ("mount", "export")
 
 
 class BuildTarget(enum.StrEnum):
@@ -76,6 +78,8 @@ class BuildSpec:
     replace: bool = False
     offline: bool = False
     platform: str = "linux/amd64"
+    #: How a Podman store image's tree reaches mkfs: "mount" (the store's own, when possible) or "export".
+    rootfs_via: str = "mount"
 
     @property
     def development_only(self) -> bool:
@@ -229,6 +233,7 @@ def make_spec(values: Mapping[str, Any]) -> BuildSpec:
         replace=bool(values.get("replace")),
         offline=bool(values.get("offline")),
         platform=str(values.get("platform") or "linux/amd64"),
+        rootfs_via=str(values.get("rootfs_via") or "mount"),
     )
     check_spec(spec, explicit_format=values.get("luks_format"))
     return spec
@@ -243,6 +248,8 @@ def _default_output(image: str, workload_id: str) -> str:
 
 def check_spec(spec: BuildSpec, *, explicit_format: Any = None) -> None:
     """Combinations that are usage errors, found before any work starts."""
+    if spec.rootfs_via not in ROOTFS_VIA:
+        raise UsageError(f"--rootfs-via {spec.rootfs_via!r} is not mount or export")
     if spec.luks_format not in ("luks1", "luks2"):
         raise UsageError(f"--format {spec.luks_format!r} is not luks2 or luks1")
     _check_target(spec, explicit_format)

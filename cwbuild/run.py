@@ -105,8 +105,10 @@ def spawn(  # noqa: PLR0913 - keyword-only options mirroring subprocess.Popen
     stderr: int | None = None,
     redact: Sequence[int] = (),
     pass_fds: Sequence[int] = (),
+    new_session: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-running program (a service, a VM). The caller owns its lifetime."""
+    """Start a long-running program (a service, a VM). The caller owns its lifetime. `new_session`: out of
+    the terminal's process group, so a Ctrl-C reaches only us and our cleanup can still use the program."""
     exe = find_tool(str(argv[0])) if "/" not in str(argv[0]) else str(argv[0])
     log.debug("+ %s &", _render(argv, redact))
     try:
@@ -118,6 +120,7 @@ def spawn(  # noqa: PLR0913 - keyword-only options mirroring subprocess.Popen
             stdout=stdout,
             stderr=stderr,
             pass_fds=tuple(pass_fds),
+            start_new_session=new_session,
         )
     except FileNotFoundError as exc:
         raise ToolNotFoundError(f"{argv[0]} not found") from exc

@@ -7,7 +7,9 @@ import secrets
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cwbuild.attest import wrap
 from cwbuild.build import BuildContext, StepArtifact, file_artifact
@@ -17,9 +19,13 @@ from cwbuild.disk.kdf import KdfSpec, KdfType, default_kdf
 from cwbuild.disk.luks import LuksFormat, LuksSpec, encrypt_image
 from cwbuild.errors import SecretFileError, UsageError
 from cwbuild.fileio import sha256_file
+from cwbuild.image import Transport, parse_reference
 from cwbuild.image import flatten_image as read_and_flatten
 from cwbuild.launch import check_krun_limits
 from cwbuild.secrets import read_passphrase_file, read_token_file
+
+if TYPE_CHECKING:
+    from cwbuild.image.mount import MountedRootfs
 
 #: DESIGN.md "The key is random": 32 random bytes, hex (buildah's default too, cw-format.md §1.2 step 8).
 GENERATED_PASSPHRASE_BYTES = 32
@@ -32,6 +38,8 @@ DISK_IMG = "disk.img"
 #: build.steps_for's name of make_fs (its manifest record gets the image digest once it is known).
 MAKE_FS_STEP = "make filesystem"
 _PENDING = "pending filesystem work"
+_ROOTFS = "mounted rootfs"
+_RELEASE = "rootfs mount release"
 #: The memory file system for plaintext (tmpfs, mounted by systemd/initramfs on every Debian host).
 MEMORY_FS = "/dev/shm"  # noqa: S108 - only a private mkdtemp directory (0700, unpredictable name) is made there
 #: Plaintext bytes per image byte at the peak: the rootfs plus an ext4 image of it with 25% slop and metadata.
@@ -94,13 +102,19 @@ def _read_ca(path: Path) -> bytes:
 
 
 def flatten_image(ctx: BuildContext) -> StepArtifact | None:
-    """The image's layers applied in order into the private work directory."""
-    image, result = read_and_flatten(
-        ctx.spec.image,
-        lambda size: _plaintext_dir(ctx, size) / "rootfs",
-        ctx.stack,
-        platform=ctx.spec.platform,
-    )
+    """The image's tree: a Podman store image mounted in place when allowed (`cwbuild.image.mount`), else
+    its layers applied in order into the private work directory."""
+    mounted = _mount_rootfs(ctx)
+    if mounted is not None:
+        image, result = mounted.image, mounted.result
+        ctx.facts[_ROOTFS] = result.path
+    else:
+        image, result = read_and_flatten(
+            ctx.spec.image,
+            lambda size: _plaintext_dir(ctx, size) / "rootfs",
+            ctx.stack,
+            platform=ctx.spec.platform,
+        )
     ctx.facts["image"] = {
         "ref": image.ref,
         "id": image.id,
@@ -109,10 +123,34 @@ def flatten_image(ctx: BuildContext) -> StepArtifact | None:
         "created": image.created,
         "layers": [{"digest": ly.digest, "diff_id": ly.diff_id, "size": ly.size} for ly in image.layers],
         "skipped_devices": list(result.skipped_devices),
+        "rootfs_source": "export" if mounted is None else "podman-mount",
     }
     ctx.facts["image_config"] = image.runtime_config
-    place = "memory" if ctx.work.is_relative_to(MEMORY_FS) else "disk"
-    return StepArtifact("rootfs", None, result.bytes, {"entries": result.entries, "plaintext_on": place})
+    place = "memory" if ctx.work.is_relative_to(MEMORY_FS) else "disk"  # the ext4 image's plaintext
+    extra = {"entries": result.entries, "plaintext_on": place}
+    if mounted is not None:
+        extra["rootfs_in"] = "podman store"
+    return StepArtifact("rootfs", None, result.bytes, extra)
+
+
+def _mount_rootfs(ctx: BuildContext) -> MountedRootfs | None:
+    """The Podman mount when `--rootfs-via mount` and the image is a store image; its container lives on a
+    stack of its own (`_RELEASE`), closed once the filesystem is made (or by `ctx.stack` on failure)."""
+    if ctx.spec.rootfs_via != "mount":
+        return None
+    ref = parse_reference(ctx.spec.image)
+    if ref.transport is not Transport.PODMAN:
+        return None
+    from cwbuild.image.mount import mount_rootfs  # noqa: PLC0415 - podman-py only when needed
+
+    release = ExitStack()
+    ctx.stack.callback(release.close)
+    mounted = mount_rootfs(ref.name, str(ref), release)
+    if mounted is not None:
+        # The tree's size decides where the ext4 image (plaintext) goes, as for an exported rootfs.
+        _plaintext_dir(ctx, mounted.result.bytes)
+        ctx.facts[_RELEASE] = release
+    return mounted
 
 
 def _plaintext_dir(ctx: BuildContext, image_size: int | None) -> Path:
@@ -153,12 +191,15 @@ def make_fs(ctx: BuildContext) -> StepArtifact | None:
         config=ctx.facts["image_config"],
         slop=ctx.spec.slop,
     )
-    fs = make_filesystem(ctx.work / "rootfs", ctx.work / "fs.img", spec=spec, digest=False)
+    rootfs = ctx.facts.pop(_ROOTFS, ctx.work / "rootfs")
+    fs = make_filesystem(rootfs, ctx.work / "fs.img", spec=spec, digest=False)
     # Removing the rootfs and hashing the image are kernel and hashlib work that release the GIL: they run in
     # threads while the encryption workers run, and encrypt_disk waits for both (_settle).
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cwbuild-fs")
     ctx.stack.callback(pool.shutdown)  # before the work directory's removal (LIFO): no thread outlives it
-    ctx.facts[_PENDING] = (pool.submit(shutil.rmtree, ctx.work / "rootfs"), pool.submit(sha256_file, fs.path))
+    release = ctx.facts.pop(_RELEASE, None)  # a Podman mount: unmount and remove its container
+    cleanup = pool.submit(release.close) if release is not None else pool.submit(shutil.rmtree, rootfs)
+    ctx.facts[_PENDING] = (cleanup, pool.submit(sha256_file, fs.path))
     ctx.facts["filesystem"] = {"sha256": None, "size": fs.size, "type": "ext4"}
     return StepArtifact("ext4 (plaintext, not kept)", None, fs.size)
 

@@ -71,6 +71,11 @@ def _print(result: BuildResult, as_json: bool) -> None:
 @click.option("--replace", is_flag=True, default=None, help="Overwrite an existing registration.")
 @click.option("--offline", is_flag=True, default=None, help="Never fetch a kit.")
 @click.option("--platform", help="OS/ARCH of an image index. [default: linux/amd64]")
+@click.option(
+    "--rootfs-via",
+    type=click.Choice(["mount", "export"]),
+    help="A Podman store image's tree: mounted in place (root; else exported) or exported. [default: mount]",
+)
 @click.option("--config", "config_file", type=_FILE, help="cwbuild.yaml holding any of these options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def command(config_file: Path | None, as_json: bool, type_: str | None, **flags: Any) -> None:

@@ -92,7 +92,10 @@ def _private_service() -> Iterator[str]:
     url = f"unix://{sock}"
     log = (workdir / "service.log").open("wb")
     proc = run.spawn(
-        ["podman", "system", "service", "--time=0", url], stdout=log.fileno(), stderr=log.fileno()
+        ["podman", "system", "service", "--time=0", url],
+        stdout=log.fileno(),
+        stderr=log.fileno(),
+        new_session=True,  # a Ctrl-C must not stop it before our cleanup (container removal) has used it
     )
     try:
         deadline = time.monotonic() + _START_TIMEOUT

@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert spec.workload_id != merge(BASE, {}).workload_id  # random per build
     assert spec.output == Path("app.bundle")
     assert spec.development_only
+    assert spec.rootfs_via == "mount"
 
 
 @pytest.mark.parametrize(("word", "tee"), [("snp", Tee.SNP), ("sev", Tee.SEV_ES), ("sev_no_es", Tee.SEV)])
@@ -60,12 +61,19 @@ def test_type_takes_buildahs_meaning(word: str, tee: Tee) -> None:
         ({"snp_gen": "rome"}, "--snp-gen"),
         ({"firmware_library": "lib.so"}, "--target krun"),
         ({"image": None}, "no IMAGE"),
+        ({"rootfs_via": "copy"}, "--rootfs-via"),
     ],
 )
 def test_usage_errors(flags: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError) as err:
         merge({**BASE, **flags}, {})
     assert message in err.value.message or message in (err.value.hint or "")
+
+
+def test_rootfs_via_from_flag_and_yaml() -> None:
+    assert merge({**BASE, "rootfs_via": "export"}, {}).rootfs_via == "export"
+    assert merge(BASE, {"rootfs_via": "export"}).rootfs_via == "export"
+    assert merge({**BASE, "rootfs_via": "mount"}, {"rootfs_via": "export"}).rootfs_via == "mount"
 
 
 def test_yaml_values_and_flag_precedence(tmp_path: Path) -> None:
