@@ -16,7 +16,8 @@ APT_PACKAGES=(
   busybox-static cpio zstd xz-utils debootstrap kmod binutils
   openssl curl gnupg gpgv debian-archive-keyring
   sbsigntool osslsigncode libxml2-utils gcc libc6-dev
-  python3-venv
+  # python3-dev: Python.h, for the cffi extension that `pip install` compiles (cwbuild/disk/_xts_build.py)
+  python3-venv python3-dev
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,5 +1,6 @@
-"""Packaging: the wheel carries the templates (rendered from a fresh venv), and the top-level Containerfile
-builds on a locally made Debian base with the wheel installed, its last RUN executing `cwbuild --version`."""
+"""Packaging: the wheel carries the templates (rendered from a fresh venv) and the compiled AES-XTS loop
+(used there), and the top-level Containerfile builds on a locally made Debian base with the wheel installed,
+its last RUN executing `cwbuild --version`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,9 @@ _IGNORE = shutil.ignore_patterns(
     ".hypothesis",
     "build",
     "dist",
+    "*.so",  # a clean checkout's copy: the wheel must compile its own AES-XTS extension
+    "*.o",
+    "_xts_c.c",
 )
 #: debootstrap --variant=minbase of Debian 12, tarred; made once per machine (a minute or so, online).
 DEBIAN_BASE = ASSETS / "debian-bookworm-minbase.tar"
@@ -57,22 +62,63 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return whl
 
 
-def test_wheel_renders_templates_from_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "venv", tmp_path / "venv"], check=True, timeout=300)
-    py = tmp_path / "venv" / "bin" / "python"
+@pytest.fixture(scope="module")
+def venv_python(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with only the wheel (and its dependencies) installed."""
+    venv = tmp_path_factory.mktemp("venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
+    py = venv / "bin" / "python"
     subprocess.run([py, "-m", "pip", "install", "-q", wheel], check=True, timeout=600, capture_output=True)
+    return py
+
+
+def test_wheel_renders_templates_from_a_fresh_venv(venv_python: Path, tmp_path: Path) -> None:
     code = (
         "import cwbuild, cwbuild.resources as r; "
         "print(cwbuild.__file__); print(r.render('hello.txt.j2', version=cwbuild.__version__))"
     )
-    proc = subprocess.run([py, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    proc = subprocess.run([venv_python, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     location, rendered = proc.stdout.split("\n", 1)
-    assert Path(location).is_relative_to(tmp_path / "venv")
+    assert Path(location).is_relative_to(venv_python.parent.parent)
     assert rendered.strip() == f"cwbuild {__version__} templates are installed."
     version = subprocess.run(
-        [tmp_path / "venv/bin/cwbuild", "--version"], capture_output=True, text=True, check=True
+        [venv_python.parent / "cwbuild", "--version"], capture_output=True, text=True, check=True
     )
     assert __version__ in version.stdout
+
+
+#: Run in the wheel's venv: which backend, from where, and the compiled loop against `cryptography` there.
+_XTS_CHECK = """
+import os
+from cwbuild.disk import xts
+key, data = os.urandom(64), os.urandom(8 * 4096)
+out = {}
+for backend in ("openssl-evp-c", "cryptography"):
+    buf = bytearray(data)
+    with xts.SectorCrypt(xts.XtsParams(key, 4096), encrypt=True, backend=backend) as c:
+        c.run(buf, (1 << 32) - 9)
+    out[backend] = bytes(buf)
+print(xts.backend_name())
+print(xts._compiled().__file__)
+print(out["openssl-evp-c"] == out["cryptography"] != data)
+"""
+
+
+def test_wheel_carries_and_uses_the_compiled_xts_loop(wheel: Path, venv_python: Path, tmp_path: Path) -> None:
+    """setup.py's cffi extension is compiled into the wheel (so the wheel is platform-specific) and is what
+    AES-XTS runs on once installed."""
+    with zipfile.ZipFile(wheel) as whl:
+        (so,) = [n for n in whl.namelist() if n.startswith("cwbuild/disk/_xts_c.") and n.endswith(".so")]
+        assert not [n for n in whl.namelist() if n.endswith((".c", ".o"))]
+    assert not wheel.name.endswith("-none-any.whl")
+    proc = subprocess.run(
+        [venv_python, "-c", _XTS_CHECK], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    backend, module, agree = proc.stdout.split()
+    assert backend == "openssl-evp-c"
+    assert Path(module).is_relative_to(venv_python.parent.parent)
+    assert Path(module).as_posix().endswith(so)
+    assert agree == "True"
 
 
 def _debian_base_tar() -> Path:
