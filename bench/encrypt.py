@@ -6,7 +6,8 @@ Measures, on the same random input:
   - whole command, default settings: `cwbuild disk encrypt` (LUKS2 4096, and LUKS1) vs `luksy encrypt`
     (v2, and v1 `--luks1`), each with a passphrase file, wall clock including start-up and KDF;
   - payload only: cwbuild's streamed AES-XTS of the file (xts.crypt_span, file to file) at 4096- and 512-byte
-    sectors, and in memory (one process, and one per CPU at once: compute only, like openssl speed);
+    sectors, and in memory (one process, and one per CPU at once: compute only, like openssl speed), then in
+    memory on one process for each backend (the compiled EVP loop, the Python EVP loop, `cryptography`);
     luksy's payload estimated as its whole time minus its time on a 1 MiB input (KDF benchmarks);
   - `openssl speed -evp aes-256-xts` (one core, 16 KiB blocks): the machine's AES-XTS limit;
   - peak memory (sum of PSS over the process tree, sampled every 20 ms) of `cwbuild disk encrypt` on 4 GiB.
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cwbuild.disk.xts import (  # noqa: E402
+    BACKENDS,
     SectorCrypt,
     Span,
     XtsParams,
@@ -38,6 +40,7 @@ from cwbuild.disk.xts import (  # noqa: E402
     crypt_span,
     default_workers,
 )
+from cwbuild.errors import DiskError  # noqa: E402
 
 MiB = 1 << 20
 DEFAULT_LUKSY = Path("/var/cache/cwbuild-test-assets/x/usr/bin/luksy")
@@ -71,15 +74,19 @@ def _cpu(argv: list[str]) -> float:
     return min(CPU[" ".join(argv)])
 
 
-def _openssl() -> float:
+def _openssl() -> dict[int, float]:
+    """`openssl speed` bytes/s by block size (16 B .. 16 KiB; one XTS data unit per call)."""
     out = subprocess.run(
         ["openssl", "speed", "-evp", "aes-256-xts", "-seconds", "3"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+    header = next(ln for ln in out.splitlines() if ln.startswith("type"))
     line = next(ln for ln in out.splitlines() if ln.upper().startswith("AES-256-XTS"))
-    return float(re.findall(r"([\d.]+)k", line)[-1]) * 1000  # bytes/s at the largest block size
+    sizes = [int(n) for n in re.findall(r"(\d+) bytes", header)]
+    rates = [float(v) * 1000 for v in re.findall(r"([\d.]+)k", line)]
+    return dict(zip(sizes, rates, strict=True))
 
 
 def _tree_mem(pid: int) -> tuple[int, int]:
@@ -126,10 +133,10 @@ def _payload_only(src: Path, dst: Path, size: int, sector: int, runs: int) -> tu
     return min(times), times
 
 
-def _in_memory_job(sector: int) -> float:
+def _in_memory_job(sector: int, backend: str | None = None) -> float:
     """Seconds for one process to encrypt 64 MiB in memory, 4 times (no file I/O): compute only."""
     buf = bytearray(os.urandom(64 * MiB))
-    with SectorCrypt(XtsParams(os.urandom(64), sector), encrypt=True) as c:
+    with SectorCrypt(XtsParams(os.urandom(64), sector), encrypt=True, backend=backend) as c:
         start = time.perf_counter()
         for rep in range(4):
             c.run(buf, rep * len(buf) // 512)
@@ -142,6 +149,17 @@ def _in_memory(sector: int, workers: int) -> float:
     with ctx.Pool(workers) as pool:
         times = pool.map(_in_memory_job, [sector] * workers)
     return workers * 4 * 64 * MiB / max(times)
+
+
+def _by_backend(sector: int) -> dict[str, float]:
+    """Bytes/s of one process in memory, for each backend this machine has (best of 2)."""
+    out = {}
+    for backend in BACKENDS:
+        try:
+            out[backend] = 4 * 64 * MiB / min(_in_memory_job(sector, backend) for _ in range(2))
+        except DiskError as exc:  # e.g. the compiled loop was not built
+            print(f"backend {backend}: {exc}", file=sys.stderr)
+    return out
 
 
 def main() -> None:
@@ -172,7 +190,9 @@ def main() -> None:
                 f.write(os.urandom(64 * MiB))
         small.write_bytes(os.urandom(MiB))
         os.sync()  # the input is on disk before anything is timed
-        results["openssl_aes_256_xts_one_core_Bps"] = _openssl()
+        by_block = _openssl()
+        results["openssl_aes_256_xts_one_core_Bps"] = by_block[max(by_block)]  # largest block
+        results["openssl_aes_256_xts_one_core_by_block_Bps"] = by_block
         for name, extra in (("luks2", []), ("luks1", ["--format", "luks1"])):
             argv = [*cw, "--passphrase-file", str(pw), *extra, str(src), str(out)]
             best, times = _best(args.runs, argv)
@@ -185,6 +205,7 @@ def main() -> None:
                 "one_process": _in_memory(sector, 1),
                 f"{default_workers()}_processes": _in_memory(sector, default_workers()),
             }
+            results[f"cwbuild_in_memory_{sector}_by_backend_Bps"] = _by_backend(sector)
         if args.luksy.exists():
             for name, extra in (("v2", []), ("v1", ["--luks1"])):
                 base = [str(args.luksy), "encrypt", "--password-file", str(pw), *extra, "-f"]
@@ -213,6 +234,8 @@ def _summary(r: dict[str, object], size: int) -> None:
 
     ossl = float(r["openssl_aes_256_xts_one_core_Bps"])  # type: ignore[arg-type]
     print(f"\nopenssl aes-256-xts, one core: {ossl / 1e9:.2f} GB/s")
+    by_block = r["openssl_aes_256_xts_one_core_by_block_Bps"]
+    print("    by block size: " + ", ".join(f"{b} B {v / 1e9:.2f}" for b, v in by_block.items()))  # type: ignore[attr-defined]
     for sector in (4096, 512):
         bps = size / best(f"cwbuild_payload_{sector}_s")
         share = 100 * bps / ossl
@@ -222,6 +245,9 @@ def _summary(r: dict[str, object], size: int) -> None:
         mem = r[f"cwbuild_in_memory_{sector}_Bps"]
         for who, v in mem.items():  # type: ignore[attr-defined]
             print(f"    in memory, {who}: {v / 1e9:.2f} GB/s = {100 * v / ossl:.0f}% of openssl")
+        by_backend = r[f"cwbuild_in_memory_{sector}_by_backend_Bps"]
+        for who, v in by_backend.items():  # type: ignore[attr-defined]
+            print(f"    in memory, one process, backend {who}: {v / 1e9:.2f} GB/s = {100 * v / ossl:.0f}%")
     for cw_key, lk_key in (
         ("cwbuild_luks2_whole_s", "luksy_v2_whole_s"),
         ("cwbuild_luks1_whole_s", "luksy_v1_whole_s"),
