@@ -155,6 +155,5 @@ def store_image(ctx: BuildContext) -> StepArtifact | None:
 
     tag = ctx.spec.tag
     assert tag is not None  # the step is only listed with --tag
-    image_id, undo = store_bundle_image(ctx, tag)
-    ctx.rollbacks.append(undo)
+    image_id = store_bundle_image(ctx, tag)  # its removal is in ctx.rollbacks
     return StepArtifact(tag, image_id.removeprefix("sha256:"), None)
