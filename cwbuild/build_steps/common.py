@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cwbuild.attest import wrap
-from cwbuild.build import BuildContext, StepArtifact, file_artifact
+from cwbuild.build import BuildContext, StepArtifact
 from cwbuild.config import BuildTarget
 from cwbuild.disk.fs import FsSpec, make_filesystem
 from cwbuild.disk.kdf import KdfSpec, KdfType, default_kdf
@@ -229,7 +229,18 @@ def encrypt_disk(ctx: BuildContext) -> StepArtifact | None:
     spec = luks_spec(ctx)
     footer = ctx.facts.get("krun_config_json")
     plain = ctx.work / "fs.img"
-    encrypt_image(plain, ctx.stage / DISK_IMG, spec=spec, passphrase=ctx.passphrase, krun_footer=footer)
+    # digest: hashed as it is written, not read back. direct (O_DIRECT) unless --tag reads the disk right
+    # back to store the image: measured (446 MB, 2 shared CPUs, load 2.5-4.5), encrypt disk 0.6-1.1 s
+    # direct vs 1.3-2.4 s buffered, but store image 5.5-8.1 s after a direct write vs 4.3-6.6 s buffered.
+    disk = encrypt_image(
+        plain,
+        ctx.stage / DISK_IMG,
+        spec=spec,
+        passphrase=ctx.passphrase,
+        krun_footer=footer,
+        digest=True,
+        direct=ctx.spec.tag is None,
+    )
     _settle(ctx)
     plain.unlink()
     ctx.facts["disk"] = {
@@ -237,4 +248,4 @@ def encrypt_disk(ctx: BuildContext) -> StepArtifact | None:
         "sector_size": spec.sector_size,
         "kdf": spec.kdf.describe(),
     }
-    return file_artifact(ctx, DISK_IMG, format=spec.format.value)
+    return StepArtifact(DISK_IMG, disk.sha256, disk.size, {"format": spec.format.value})

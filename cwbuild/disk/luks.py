@@ -3,12 +3,14 @@
 `encrypt_image` turns a plaintext file (the ext4 image) into a LUKS container that cryptsetup and the
 kernel's dm-crypt open; `read_header` + `unlock` + `decrypt_image` do the reverse for images made by us,
 cryptsetup or luksy. UUID, salts and the volume key are fresh random every time (DESIGN.md). The payload
-is streamed chunk by chunk (xts.crypt_span), so memory stays flat whatever the disk size. The output is
-written to a private temporary file beside OUT and renamed into place only when complete.
+is streamed chunk by chunk (xts.crypt_span), so memory stays flat whatever the disk size; its sha256, when
+asked for, is computed from the bytes as they are written. The output is written to a private temporary
+file beside OUT and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Callable, Iterator
@@ -140,9 +142,15 @@ def encrypt_image(  # noqa: PLR0913 - keyword-only options of one step
     krun_footer: bytes | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    digest: bool = False,
+    direct: bool = True,
 ) -> Artifact:
     """Write `out`: a LUKS container of `plain` (zero-padded to whole sectors), optionally with the krun
-    footer (spec §1.5) after the payload. Returns its size; the volume key never leaves this function."""
+    footer (spec §1.5) after the payload. Returns its size, and with `digest` its sha256, computed from the
+    bytes as they are written (header area with its zero gaps, payload, footer: the file in order), so
+    nothing is read back. `direct`: the payload written with O_DIRECT where the file system takes it
+    (xts.crypt_span), faster unless the file is read again soon (then the page cache's copy pays off).
+    The volume key never leaves this function."""
     if not passphrase:
         raise DiskError("the passphrase is empty")
     length = plain.stat().st_size
@@ -151,16 +159,39 @@ def encrypt_image(  # noqa: PLR0913 - keyword-only options of one step
     pieces, payload = build_header(spec, volume_key, passphrase)
     tail = footer.encode(krun_footer, payload + padded) if krun_footer is not None else b""
     total = payload + padded + len(tail)
+    sha = hashlib.sha256() if digest else None
     with _private_output(out) as (tmp, fd):
         os.ftruncate(fd, total)
         for offset, data in pieces:
             os.pwrite(fd, data, offset)
         if tail:
             os.pwrite(fd, tail, payload + padded)
+        if sha is not None:
+            _hash_layout(sha, pieces, payload)
         span = Span(str(plain), str(tmp), 0, payload, length)
         params = XtsParams(volume_key, spec.sector_size)
-        crypt_span(span, params=params, encrypt=True, workers=workers, progress=progress)
-    return Artifact(out, total)
+        crypt_span(
+            span, params=params, encrypt=True, workers=workers, progress=progress, digest=sha, direct=direct
+        )
+        if sha is not None:
+            sha.update(tail)
+    return Artifact(out, total, sha.hexdigest() if sha is not None else None)
+
+
+def _hash_layout(sha: hashlib._Hash, pieces: list[tuple[int, bytes]], end: int) -> None:
+    """Feed `sha` bytes [0, end) of a file holding `pieces` at their offsets and zeros in between (what
+    ftruncate left: the metadata area's unwritten parts)."""
+    zeros = memoryview(bytes(1 << 20))
+    pos = 0
+    for offset, data in [*sorted(pieces), (end, b"")]:
+        if offset < pos or offset + len(data) > end:
+            raise DiskError("LUKS header pieces overlap or pass the payload offset")  # a bug, not input
+        while pos < offset:
+            step = min(len(zeros), offset - pos)
+            sha.update(zeros[:step])
+            pos += step
+        sha.update(data)
+        pos += len(data)
 
 
 def read_header(path: Path) -> LuksHeader:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cwbuild.disk import af, footer, luks1, luks2
+from cwbuild.disk import af, footer, luks1, luks2, xts
 from cwbuild.disk.kdf import KdfLimits, KdfSpec, KdfType
 from cwbuild.disk.luks import LuksFormat, LuksSpec, decrypt_image, encrypt_image, read_header, unlock
 from cwbuild.errors import CwbuildError, DiskError, FormatError
@@ -93,6 +94,58 @@ def test_krun_footer_round_trip(tmp_path: Path) -> None:
     assert footer.read(img) == cfg
     decrypt_image(img, tmp_path / "out", passphrase=b"p")
     assert (tmp_path / "out").read_bytes() == (tmp_path / "plain").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("fmt", "sector", "krun"), [("luks1", 512, True), ("luks2", 4096, False)])
+def test_digest_is_the_files(
+    workers: int, fmt: str, sector: int, krun: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """encrypt_image's sha256, computed while writing, is hashlib's over the file as it lands: header with
+    its zero gaps, payload (its padded last sector too), krun footer."""
+    monkeypatch.setattr(xts, "CHUNK", 64 * 1024)
+    (tmp_path / "plain").write_bytes(os.urandom(300_001))
+    cfg = json.dumps({"tee": "snp", "cpus": 1}).encode() if krun else None
+    spec = LuksSpec(LuksFormat(fmt), sector, FAST)
+    art = encrypt_image(
+        tmp_path / "plain",
+        tmp_path / "d.img",
+        spec=spec,
+        passphrase=b"p",
+        krun_footer=cfg,
+        workers=workers,
+        digest=True,
+    )
+    raw = art.path.read_bytes()
+    assert (art.size, art.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
+    again = encrypt_image(tmp_path / "plain", tmp_path / "e.img", spec=spec, passphrase=b"p", workers=workers)
+    assert again.sha256 is None  # not asked for: not computed
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_interrupted_encryption_leaves_nothing(
+    stop: type[BaseException], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or an exit) mid-payload: no temporary output, no worker process left."""
+    monkeypatch.setattr(xts, "CHUNK", 64 * 1024)
+    (tmp_path / "plain").write_bytes(os.urandom(1 << 20))
+    children = Path(f"/proc/self/task/{threading.get_native_id()}/children")
+    before = children.read_text()
+
+    def progress(n: int) -> None:
+        raise stop("stop")
+
+    with pytest.raises(stop):
+        encrypt_image(
+            tmp_path / "plain",
+            tmp_path / "d.img",
+            spec=LuksSpec(kdf=FAST),
+            passphrase=b"p",
+            workers=2,
+            progress=progress,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+    assert children.read_text() == before
 
 
 def test_footer_hostile_length(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ EVP loop, the Python EVP loop, `cryptography` per sector), dm-crypt IV rules, th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -326,16 +327,123 @@ def test_crypt_span_streams_and_pads(workers: int, tmp_path: Path, monkeypatch: 
     assert out[1000:] == _reference(key, padded, 4096, 16, 8, encrypt=True)
 
 
-def test_crypt_span_short_input(tmp_path: Path) -> None:
-    (tmp_path / "src").write_bytes(bytes(1000))
-    (tmp_path / "dst").write_bytes(b"")
-    with pytest.raises(DiskError, match="ended early"):
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("direct", [True, False])
+def test_crypt_span_direct_or_buffered_and_its_digest(
+    workers: int, direct: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_DIRECT (page-aligned payload, the unaligned last sectors buffered) or buffered writes: the same
+    bytes, and `digest` sees exactly the bytes written, in file order. tmp_path is on a disk file system
+    here (ext4), where O_DIRECT is really taken."""
+    monkeypatch.setattr(xts, "CHUNK", 64 * 1024)
+    key = os.urandom(64)
+    data = os.urandom(300_100)  # 587 sectors of 512 (last one padded): ends 1536 bytes past a 4096 boundary
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"H" * 7 + data)
+    head, padded = b"header" + bytes(8186), data + bytes(-len(data) % 512)
+    dst.write_bytes(head + bytes(len(padded)) + b"tail")
+    sha = hashlib.sha256(head)
+    crypt_span(
+        Span(str(src), str(dst), 7, len(head), len(data), first_iv=3),
+        params=XtsParams(key, 512),
+        encrypt=True,
+        workers=workers,
+        digest=sha,
+        direct=direct,
+    )
+    sha.update(b"tail")
+    out = dst.read_bytes()
+    assert out == head + _reference(key, padded, 512, 3, 1, encrypt=True) + b"tail"
+    assert sha.hexdigest() == hashlib.sha256(out).hexdigest()
+
+
+def test_crypt_span_direct_refused_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that refuses an O_DIRECT write (EINVAL: here an offset that is not a multiple of the
+    device's logical block size) gets the chunk, and the rest, buffered."""
+    monkeypatch.setattr(xts, "CHUNK", 64 * 1024)
+    monkeypatch.setattr(xts, "DIRECT_ALIGN", 8)
+    key, data = os.urandom(64), os.urandom(200 * 1024)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(data)
+    dst.write_bytes(bytes(8 + len(data)))
+    for workers in (1, 2):
         crypt_span(
-            Span(str(tmp_path / "src"), str(tmp_path / "dst"), 0, 0, 4096),
+            Span(str(src), str(dst), 0, 8, len(data)),
+            params=XtsParams(key, 4096),
+            encrypt=True,
+            workers=workers,
+        )
+        assert dst.read_bytes() == bytes(8) + _reference(key, data, 4096, 0, 8, encrypt=True)
+
+
+def _children() -> set[int]:
+    """This process's child processes (proc(5): /proc/PID/task/TID/children)."""
+    return {int(p) for t in Path("/proc/self/task").iterdir() for p in (t / "children").read_text().split()}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_crypt_span_short_input(workers: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's DiskError reaches the caller with its text; no worker is left behind."""
+    monkeypatch.setattr(xts, "CHUNK", 4096)
+    (tmp_path / "src").write_bytes(bytes(10_000))
+    (tmp_path / "dst").write_bytes(b"")
+    before = _children()
+    with pytest.raises(DiskError, match="ended early at byte 10000"):
+        crypt_span(
+            Span(str(tmp_path / "src"), str(tmp_path / "dst"), 0, 0, 40_960),
             params=XtsParams(os.urandom(64), 512),
             encrypt=True,
-            workers=1,
+            workers=workers,
         )
+    assert _children() == before
+
+
+def test_crypt_span_worker_death(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that dies (killed, out of memory) is a DiskError, and the other one is stopped and reaped."""
+    monkeypatch.setattr(xts, "CHUNK", 4096)
+
+    def job(_self: object, pos: int, _slot: int) -> int:
+        if pos >= 16384:
+            os._exit(9)
+        return 4096
+
+    monkeypatch.setattr(xts._Worker, "job", job)
+    (tmp_path / "src").write_bytes(bytes(65536))
+    (tmp_path / "dst").write_bytes(b"")
+    before = _children()
+    with pytest.raises(DiskError, match="worker process died"):
+        crypt_span(
+            Span(str(tmp_path / "src"), str(tmp_path / "dst"), 0, 0, 65536),
+            params=XtsParams(os.urandom(64), 512),
+            encrypt=True,
+            workers=2,
+        )
+    assert _children() == before
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, DiskError])
+def test_crypt_span_interrupted(
+    stop: type[BaseException], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever stops this process mid-way (Ctrl-C, exit, an error of its own), its workers go too."""
+    monkeypatch.setattr(xts, "CHUNK", 4096)
+    (tmp_path / "src").write_bytes(bytes(1 << 20))
+    (tmp_path / "dst").write_bytes(b"")
+    before = _children()
+
+    def progress(n: int) -> None:
+        assert _children() - before  # the workers exist while it runs
+        raise stop("stop")
+
+    with pytest.raises(stop):
+        crypt_span(
+            Span(str(tmp_path / "src"), str(tmp_path / "dst"), 0, 0, 1 << 20),
+            params=XtsParams(os.urandom(64), 512),
+            encrypt=True,
+            workers=2,
+            progress=progress,
+        )
+    assert _children() == before
 
 
 @pytest.mark.parametrize("workers", [1, 2])
