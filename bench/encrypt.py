@@ -6,8 +6,10 @@ Measures, on the same random input:
   - whole command, default settings: `cwbuild disk encrypt` (LUKS2 4096, and LUKS1) vs `luksy encrypt`
     (v2, and v1 `--luks1`), each with a passphrase file, wall clock including start-up and KDF;
   - payload only: cwbuild's streamed AES-XTS of the file (xts.crypt_span, file to file) at 4096- and 512-byte
-    sectors, and in memory (one process, and one per CPU at once: compute only, like openssl speed), then in
-    memory on one process for each backend (the compiled EVP loop, the Python EVP loop, `cryptography`);
+    sectors, written with O_DIRECT (the default) and buffered, and with the output's sha256 computed on the
+    way (what `cwbuild build` asks for); in memory (one process, and one per CPU at once: compute only, like
+    openssl speed), then in memory on one process for each backend (the compiled EVP loop, the Python EVP
+    loop, `cryptography`);
     luksy's payload estimated as its whole time minus its time on a 1 MiB input (KDF benchmarks);
   - `openssl speed -evp aes-256-xts` (one core, 16 KiB blocks): the machine's AES-XTS limit;
   - peak memory (sum of PSS over the process tree, sampled every 20 ms) of `cwbuild disk encrypt` on 4 GiB.
@@ -17,6 +19,7 @@ Not run by pytest. The machine may be shared: each figure is the best of --runs 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -120,14 +123,25 @@ def _peak_memory(argv: list[str]) -> tuple[int, int]:
     return peak_pss, peak_rss
 
 
-def _payload_only(src: Path, dst: Path, size: int, sector: int, runs: int) -> tuple[float, list[float]]:
-    dst.write_bytes(b"")
-    os.truncate(dst, size)
+def _payload_only(
+    files: tuple[Path, Path], size: int, sector: int, runs: int, *, direct: bool = True, digest: bool = False
+) -> tuple[float, list[float]]:
+    """Best and all wall times of crypt_span from `src` to a fresh `dst` (created, then synced away before
+    each run, as a build's output is new)."""
+    src, dst = files
     times = []
     for _ in range(runs):
+        dst.unlink(missing_ok=True)
+        dst.write_bytes(b"")
+        os.truncate(dst, size)
+        os.sync()
         start = time.perf_counter()
         crypt_span(
-            Span(str(src), str(dst), 0, 0, size), params=XtsParams(os.urandom(64), sector), encrypt=True
+            Span(str(src), str(dst), 0, 0, size),
+            params=XtsParams(os.urandom(64), sector),
+            encrypt=True,
+            direct=direct,
+            digest=hashlib.sha256() if digest else None,
         )
         times.append(time.perf_counter() - start)
     return min(times), times
@@ -160,6 +174,24 @@ def _by_backend(sector: int) -> dict[str, float]:
         except DiskError as exc:  # e.g. the compiled loop was not built
             print(f"backend {backend}: {exc}", file=sys.stderr)
     return out
+
+
+def _payload_figures(files: tuple[Path, Path], size: int, sector: int, runs: int) -> dict[str, object]:
+    results: dict[str, object] = {}
+    variants: list[tuple[str, dict[str, bool]]] = [
+        ("", {}),
+        ("_buffered", {"direct": False}),
+        ("_sha256", {"digest": True}),
+    ]
+    for name, opts in variants:
+        best, times = _payload_only(files, size, sector, runs, **opts)
+        results[f"cwbuild_payload_{sector}{name}_s"] = {"best": best, "runs": times, "Bps": size / best}
+    results[f"cwbuild_in_memory_{sector}_Bps"] = {
+        "one_process": _in_memory(sector, 1),
+        f"{default_workers()}_processes": _in_memory(sector, default_workers()),
+    }
+    results[f"cwbuild_in_memory_{sector}_by_backend_Bps"] = _by_backend(sector)
+    return results
 
 
 def main() -> None:
@@ -199,13 +231,7 @@ def main() -> None:
             results[f"cwbuild_{name}_whole_s"] = {"best": best, "runs": times, "cpu_s": _cpu(argv)}
             out.unlink()
         for sector in (4096, 512):
-            best, times = _payload_only(src, out, size, sector, args.runs)
-            results[f"cwbuild_payload_{sector}_s"] = {"best": best, "runs": times, "Bps": size / best}
-            results[f"cwbuild_in_memory_{sector}_Bps"] = {
-                "one_process": _in_memory(sector, 1),
-                f"{default_workers()}_processes": _in_memory(sector, default_workers()),
-            }
-            results[f"cwbuild_in_memory_{sector}_by_backend_Bps"] = _by_backend(sector)
+            results.update(_payload_figures((src, out), size, sector, args.runs))
         if args.luksy.exists():
             for name, extra in (("v2", []), ("v1", ["--luks1"])):
                 base = [str(args.luksy), "encrypt", "--password-file", str(pw), *extra, "-f"]
@@ -242,6 +268,9 @@ def _summary(r: dict[str, object], size: int) -> None:
         print(
             f"cwbuild payload file to file, {sector} B sectors: {bps / 1e9:.2f} GB/s = {share:.0f}% of ossl"
         )
+        for name in ("buffered", "sha256"):
+            bps = size / best(f"cwbuild_payload_{sector}_{name}_s")
+            print(f"    {name}: {bps / 1e9:.2f} GB/s")
         mem = r[f"cwbuild_in_memory_{sector}_Bps"]
         for who, v in mem.items():  # type: ignore[attr-defined]
             print(f"    in memory, {who}: {v / 1e9:.2f} GB/s = {100 * v / ossl:.0f}% of openssl")
