@@ -139,6 +139,8 @@ def main() -> None:
             for name, (argv, out) in configs.items():
                 if out is not None:
                     shutil.rmtree(work / out, ignore_errors=True)
+                if out == "krun-tag":  # the last round's image, else re-tagging leaves it dangling (untimed)
+                    subprocess.run(["podman", "rmi", "-f", TAGGED], check=False, capture_output=True)
                 runs[name].append(measure(argv if out is None else [*argv, "-o", str(work / out)]))
         report(runs, work, load_before)
     finally:
