@@ -57,10 +57,20 @@ def read(path: Path) -> bytes | None:
     return validated(data)
 
 
-def locate(path: Path) -> int | None:
-    """Where the payload ends when `path` carries a footer (the 4096-aligned start of its padding)."""
+def locate(path: Path, sector_size: int = ALIGN) -> int | None:
+    """Where the payload ends when `path` carries a footer, or None. The footer does not say: the payload
+    ends on a sector boundary at most ALIGN - 1 bytes before the JSON, and everything from there to the
+    JSON is zero padding. So it is the first sector boundary in that window after which only zeros
+    follow (the payload's last sector is ciphertext, all zero with probability 2^-(8 * sector_size)).
+    Sectors are counted from the file's start: LUKS payload offsets are multiples of 4096."""
     data = read(path)
     if data is None:
         return None
-    end = path.stat().st_size - TRAILER.size - len(data)
-    return end - end % ALIGN
+    json_start = path.stat().st_size - TRAILER.size - len(data)
+    low = max(0, json_start - (ALIGN - 1))
+    with path.open("rb") as f:
+        f.seek(low)
+        window = f.read(json_start - low)
+    used = len(window.rstrip(b"\0"))  # bytes of the window before the padding
+    end = low + used
+    return end + (-end % sector_size)

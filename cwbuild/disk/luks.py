@@ -258,7 +258,7 @@ def payload_length(path: Path, header: LuksHeader) -> int:
     if header.payload_size is not None:
         return header.payload_size
     end = path.stat().st_size if path.is_file() else _size_of(path)
-    found = footer.locate(path)
+    found = footer.locate(path, header.sector_size)
     if found is not None:
         end = found
     n = end - header.payload_offset

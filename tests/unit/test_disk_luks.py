@@ -96,6 +96,22 @@ def test_krun_footer_round_trip(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_bytes() == (tmp_path / "plain").read_bytes()
 
 
+@pytest.mark.parametrize(("fmt", "sector"), [("luks1", 512), ("luks2", 4096)])
+@pytest.mark.parametrize("size", [1, 511, 512, 4096 + 512, 4096 * 3 - 1, 4096 * 3, 4096 * 5 + 3584])
+def test_krun_footer_payload_of_any_length_round_trips(
+    fmt: str, sector: int, size: int, tmp_path: Path
+) -> None:
+    """The footer's zero padding is up to 4095 bytes and the payload ends on any sector boundary before it:
+    decrypt finds that boundary (it used to round down to 4096 and lose the payload's last sectors)."""
+    plain = os.urandom(size)
+    (tmp_path / "plain").write_bytes(plain)
+    cfg = json.dumps({"tee": "snp", "cpus": 1}).encode()
+    spec = LuksSpec(LuksFormat(fmt), sector, FAST)
+    img = encrypt_image(tmp_path / "plain", tmp_path / "d.img", spec=spec, passphrase=b"p", krun_footer=cfg)
+    decrypt_image(img.path, tmp_path / "out", passphrase=b"p")
+    assert (tmp_path / "out").read_bytes() == plain + bytes(-size % sector)  # the last sector zero-padded
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize(("fmt", "sector", "krun"), [("luks1", 512, True), ("luks2", 4096, False)])
 def test_digest_is_the_files(
