@@ -12,8 +12,6 @@ import zlib
 from typing import Any
 
 from cwbuild import __version__
-from cwbuild.attest.api import Registration
-from cwbuild.attest.client import delete_workload, register_workload
 from cwbuild.build import BuildContext, StepArtifact, chmod_tree, file_artifact
 from cwbuild.build_steps import krun, qemu
 from cwbuild.config import BuildTarget
@@ -95,6 +93,11 @@ def register(ctx: BuildContext) -> StepArtifact | None:
     url = spec.registration_url
     if url is None:
         return None
+    # Here, not at the top: the endpoint's schema and client (FastAPI, httpx) cost ~0.1 s of every build's
+    # start, and most builds register nothing.
+    from cwbuild.attest.api import Registration  # noqa: PLC0415
+    from cwbuild.attest.client import delete_workload, register_workload  # noqa: PLC0415
+
     values = krun.reference_values(ctx) if spec.target is BuildTarget.KRUN else qemu.reference_values(ctx)
     tee, refs, policy = values
     try:
