@@ -246,8 +246,20 @@ def _default_output(image: str, workload_id: str) -> str:
     return f"{name}.bundle"
 
 
+def _check_platform(platform: str) -> None:
+    """SEV, SEV-SNP and TDX guests (and krun-sev's) are x86-64 machines: --platform only picks among
+    linux/amd64 images (e.g. a variant) in an index."""
+    parts = platform.split("/")
+    if len(parts) not in (2, 3) or not all(parts) or parts[:2] != ["linux", "amd64"]:
+        raise UsageError(
+            f"--platform {platform!r}: the bundle boots an x86-64 confidential VM",
+            hint="give linux/amd64 or linux/amd64/VARIANT",
+        )
+
+
 def check_spec(spec: BuildSpec, *, explicit_format: Any = None) -> None:
     """Combinations that are usage errors, found before any work starts."""
+    _check_platform(spec.platform)
     if spec.rootfs_via not in ROOTFS_VIA:
         raise UsageError(f"--rootfs-via {spec.rootfs_via!r} is not mount or export")
     if spec.luks_format not in ("luks1", "luks2"):

@@ -160,9 +160,12 @@ def oci_layout(
     return layout
 
 
-def docker_archive(path: Path, tars: list[bytes], *, repo_tag: str = "localhost/cwbuild-test:latest") -> Path:
-    """A docker-archive (`podman load` input) holding one image made of `tars` (uncompressed)."""
-    cfg = json.dumps(config_for(tars)).encode()
+def docker_archive(
+    path: Path, tars: list[bytes], *, repo_tag: str = "localhost/cwbuild-test:latest", **config: object
+) -> Path:
+    """A docker-archive (`podman load` input) holding one image made of `tars` (uncompressed); `config`
+    overrides keys of its config (`config_for`)."""
+    cfg = json.dumps(config_for(tars, **config)).encode()
     cfg_name = sha(cfg)[7:] + ".json"
     names = [f"{sha(t)[7:]}/layer.tar" for t in tars]
     manifest = json.dumps([{"Config": cfg_name, "RepoTags": [repo_tag], "Layers": names}]).encode()

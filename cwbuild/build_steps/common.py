@@ -21,6 +21,7 @@ from cwbuild.errors import SecretFileError, UsageError
 from cwbuild.fileio import sha256_file
 from cwbuild.image import Transport, parse_reference
 from cwbuild.image import flatten_image as read_and_flatten
+from cwbuild.image.model import Platform
 from cwbuild.launch import check_krun_limits
 from cwbuild.secrets import read_passphrase_file, read_token_file
 
@@ -115,6 +116,7 @@ def flatten_image(ctx: BuildContext) -> StepArtifact | None:
             ctx.stack,
             platform=ctx.spec.platform,
         )
+    Platform.parse(ctx.spec.platform).require(image.platform, image.ref)
     ctx.facts["image"] = {
         "ref": image.ref,
         "id": image.id,
@@ -145,7 +147,7 @@ def _mount_rootfs(ctx: BuildContext) -> MountedRootfs | None:
 
     release = ExitStack()
     ctx.stack.callback(release.close)
-    mounted = mount_rootfs(ref.name, str(ref), release)
+    mounted = mount_rootfs(ref.name, str(ref), release, Platform.parse(ctx.spec.platform))
     if mounted is not None:
         # The tree's size decides where the ext4 image (plaintext) goes, as for an exported rootfs.
         _plaintext_dir(ctx, mounted.result.bytes)

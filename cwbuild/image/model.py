@@ -84,6 +84,15 @@ class Platform:
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
+    def require(self, other: Platform, ref: str) -> None:
+        """ImageError unless `other` (an image's config) satisfies this request: a store or archive holds a
+        single image, whatever its platform, and nothing else would notice a wrong one before boot."""
+        if not self.matches(other):
+            raise ImageError(
+                f"{ref} is a {other} image, not {self}",
+                hint="build or pull the image for the platform the bundle runs on",
+            )
+
 
 @dataclass(frozen=True)
 class Image:

@@ -41,6 +41,7 @@ from cwbuild.image.model import (
     MAX_CONFIG_BYTES,
     Image,
     Layer,
+    Platform,
     config_diff_ids,
     config_platform,
     parse_json,
@@ -69,8 +70,9 @@ class MountedRootfs:
     result: RootfsResult
 
 
-def mount_rootfs(name: str, ref: str, stack: ExitStack) -> MountedRootfs | None:
-    """`name`'s tree mounted (or None, with the reason logged, if the export path must be used instead)."""
+def mount_rootfs(name: str, ref: str, stack: ExitStack, platform: Platform) -> MountedRootfs | None:
+    """`name`'s tree mounted (or None, with the reason logged, if the export path must be used instead).
+    An image whose config is not for `platform` is an ImageError, before any container is made."""
     if os.geteuid() != 0:
         log.info("rootfs via export: not running as root")
         return None
@@ -80,7 +82,7 @@ def mount_rootfs(name: str, ref: str, stack: ExitStack) -> MountedRootfs | None:
     attrs = podman.inspect(client, name)
     with ExitStack() as inner:  # a refused mount is undone at once, before the export starts
         try:
-            mounted = _mount(client, attrs, ref, inner)
+            mounted = _mount(client, attrs, ref, inner, platform)
         except _NoMount as exc:
             log.info("rootfs via export: %s", exc)
             return None
@@ -88,7 +90,9 @@ def mount_rootfs(name: str, ref: str, stack: ExitStack) -> MountedRootfs | None:
     return mounted
 
 
-def _mount(client: PodmanClient, attrs: dict[str, Any], ref: str, stack: ExitStack) -> MountedRootfs:
+def _mount(
+    client: PodmanClient, attrs: dict[str, Any], ref: str, stack: ExitStack, platform: Platform
+) -> MountedRootfs:
     image_id = str(attrs.get("Id", "")).removeprefix("sha256:")
     if len(image_id) != 64:
         raise _NoMount(f"the store reports image id {image_id[:80]!r}")
@@ -96,6 +100,7 @@ def _mount(client: PodmanClient, attrs: dict[str, Any], ref: str, stack: ExitSta
     if driver not in STORE_DRIVERS:
         raise _NoMount(f"the store's driver is {driver!r}, not one of {', '.join(STORE_DRIVERS)}")
     config = _store_config(graph_root, driver, image_id)
+    platform.require(config_platform(config), ref)
     rootfs = attrs.get("RootFS")
     diff_ids = rootfs.get("Layers") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or config_diff_ids(config) != diff_ids:

@@ -120,3 +120,23 @@ def test_sigterm_while_mounted_leaves_no_container(podman: Podman, hello_image: 
     assert proc.wait(60) == 128 + signal.SIGTERM
     assert podman("ps", "--all", "--quiet").stdout.strip() == ""
     assert list(parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("via", ["mount", "export"])
+def test_an_image_for_another_platform_is_refused(podman: Podman, tmp_path: Path, via: str) -> None:
+    tag = "localhost/cwbuild-arm64:latest"
+    # A store holds one image per name, whatever its platform: only cwbuild's check stands between it and
+    # a disk an x86-64 VM cannot run.
+    layers = [layer_tar([E("bin", kind="dir"), E("bin/sh", data=b"#!/bin/sh\n", mode=0o755)])]
+    archive = docker_archive(tmp_path / "arm64.tar", layers, repo_tag=tag, architecture="arm64", variant="v8")
+    load = podman.load(archive)
+    assert load.returncode == 0, load.stderr
+    passfile, _ = passphrase_file(tmp_path / "s")
+    parent = tmp_path / "out"
+    parent.mkdir()
+    args: list[str | Path] = [tag, "-o", parent / "b", "--target", "krun", "--passphrase-file", passfile]
+    proc = build([*args, "--rootfs-via", via], env=podman.env)
+    assert proc.returncode == 1
+    assert "is a linux/arm64/v8 image, not linux/amd64" in proc.stderr.decode()
+    assert list(parent.iterdir()) == []
+    assert podman("ps", "--all", "--quiet").stdout.strip() == ""

@@ -62,12 +62,21 @@ def test_type_takes_buildahs_meaning(word: str, tee: Tee) -> None:
         ({"firmware_library": "lib.so"}, "--target krun"),
         ({"image": None}, "no IMAGE"),
         ({"rootfs_via": "copy"}, "--rootfs-via"),
+        ({"platform": "linux/arm64"}, "x86-64"),
+        ({"platform": "windows/amd64"}, "x86-64"),
+        ({"platform": "linux/amd64/v2/x"}, "x86-64"),
+        ({"platform": "amd64"}, "x86-64"),
     ],
 )
 def test_usage_errors(flags: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError) as err:
         merge({**BASE, **flags}, {})
     assert message in err.value.message or message in (err.value.hint or "")
+
+
+def test_amd64_variants_are_accepted() -> None:
+    assert merge({**BASE, "platform": "linux/amd64/v3"}, {}).platform == "linux/amd64/v3"
+    assert merge(BASE, {}).platform == "linux/amd64"
 
 
 def test_rootfs_via_from_flag_and_yaml() -> None:
