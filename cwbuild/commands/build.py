@@ -70,7 +70,10 @@ def _print(result: BuildResult, as_json: bool) -> None:
 @click.option("--register-token-file", type=_FILE, help="Admin token file for the registration.")
 @click.option("--replace", is_flag=True, default=None, help="Overwrite an existing registration.")
 @click.option("--offline", is_flag=True, default=None, help="Never fetch a kit.")
-@click.option("--platform", help="OS/ARCH of an image index. [default: linux/amd64]")
+@click.option(
+    "--platform",
+    help="linux/amd64[/VARIANT] from an image index; the image must be linux/amd64. [default: linux/amd64]",
+)
 @click.option(
     "--rootfs-via",
     type=click.Choice(["mount", "export"]),
