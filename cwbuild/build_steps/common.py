@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from cwbuild.attest import wrap
 from cwbuild.build import BuildContext, StepArtifact
 from cwbuild.config import BuildTarget
-from cwbuild.disk.fs import FsSpec, make_filesystem
+from cwbuild.disk.fs import FsSpec, apply_slop, make_filesystem, with_overhead
 from cwbuild.disk.kdf import KdfSpec, KdfType, default_kdf
 from cwbuild.disk.luks import LuksFormat, LuksSpec, encrypt_image
 from cwbuild.errors import SecretFileError, UsageError
@@ -43,8 +43,6 @@ _ROOTFS = "mounted rootfs"
 _RELEASE = "rootfs mount release"
 #: The memory file system for plaintext (tmpfs, mounted by systemd/initramfs on every Debian host).
 MEMORY_FS = "/dev/shm"  # noqa: S108 - only a private mkdtemp directory (0700, unpredictable name) is made there
-#: Plaintext bytes per image byte at the peak: the rootfs plus an ext4 image of it with 25% slop and metadata.
-PLAINTEXT_FACTOR = 3
 
 
 def check_inputs(ctx: BuildContext) -> StepArtifact | None:
@@ -150,17 +148,21 @@ def _mount_rootfs(ctx: BuildContext) -> MountedRootfs | None:
     mounted = mount_rootfs(ref.name, str(ref), release, Platform.parse(ctx.spec.platform))
     if mounted is not None:
         # The tree's size decides where the ext4 image (plaintext) goes, as for an exported rootfs.
-        _plaintext_dir(ctx, mounted.result.bytes)
+        _plaintext_dir(ctx, mounted.result.bytes, with_tree=False)
         ctx.facts[_RELEASE] = release
     return mounted
 
 
-def _plaintext_dir(ctx: BuildContext, image_size: int | None) -> Path:
-    """Where the plaintext (rootfs, then the ext4 image) is written: a private directory in the memory file
-    system when both fit with room to spare (file creation there costs a fraction of a disk file system's,
-    and the plaintext never reaches a disk), else the private work directory beside the output. Either is
-    0700 and removed on every exit path; `ctx.work` becomes the one chosen."""
-    if image_size is None or not _fits_in_memory(image_size):
+def _plaintext_dir(ctx: BuildContext, image_size: int | None, *, with_tree: bool = True) -> Path:
+    """Where the plaintext (the rootfs when cwbuild writes it, then the ext4 image) is written: a private
+    directory in the memory file system when it fits with room to spare (file creation there costs a
+    fraction of a disk file system's, and the plaintext never reaches a disk), else the private work
+    directory beside the output. Either is 0700 and removed on every exit path; `ctx.work` becomes the one
+    chosen. `with_tree`: the rootfs is written there too (not when Podman's mount serves it)."""
+    if image_size is None:
+        return ctx.work
+    need = with_overhead(apply_slop(image_size, ctx.spec.slop)) + (image_size if with_tree else 0)
+    if not _fits_in_memory(need):
         return ctx.work
     work = Path(tempfile.mkdtemp(prefix=".cwbuild-plain-", dir=MEMORY_FS))  # 0700 (tempfile)
     ctx.stack.callback(shutil.rmtree, work, ignore_errors=True)
@@ -168,10 +170,10 @@ def _plaintext_dir(ctx: BuildContext, image_size: int | None) -> Path:
     return work
 
 
-def _fits_in_memory(image_size: int) -> bool:
-    """The rootfs and the ext4 image (content + slop + metadata) exist together for a moment: allow it when
-    that is at most half of both the memory file system's free space and the memory available."""
-    need = image_size * PLAINTEXT_FACTOR + (64 << 20)
+def _fits_in_memory(need: int) -> bool:
+    """`need` bytes of plaintext (the rootfs and the ext4 image exist together for a moment) fit when they,
+    plus 64 MiB, are at most half of both the memory file system's free space and the memory available."""
+    need += 64 << 20
     try:
         st = os.statvfs(MEMORY_FS)
         with open("/proc/meminfo", encoding="ascii") as f:
