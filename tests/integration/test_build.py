@@ -428,15 +428,27 @@ def test_sigterm_mid_build_leaves_nothing(podman: Podman, hello_image: str, tmp_
     assert list(parent.iterdir()) == []
 
 
-def _rich_layers() -> list[bytes]:
+def _rich_layers(*, parent_dirs: bool = False) -> list[bytes]:
+    """Three layers with whiteouts, an opaque directory, a hardlink, xattrs, owners and a setuid bit.
+    `parent_dirs`: an entry for every directory a layer writes into, as buildah and docker write layers
+    (then Podman's stored tree is the one cwbuild applies; without them Podman leaves the time of extraction
+    on those directories, and the Podman mount path must refuse and export)."""
     rng = random.Random(11)
     big = [rng.randbytes(8 << 20) for _ in range(6)]  # 48 MiB of incompressible data over three layers
+    data = E("data", kind="dir", mode=0o750, uid=1000, gid=1000)
+    deep = ["home", "home/u"] + ["home/u/" + "deep/" * n for n in range(1, 31)]
+
+    def parents(*names: str) -> list[E]:
+        return [E(d, kind="dir") for d in names] if parent_dirs else []
+
+    again = [data] if parent_dirs else []
     return [
         layer_tar(
             [
                 E("bin", kind="dir"),
+                *parents("opt", "opt/old", "usr", "usr/bin", *deep),
                 E("bin/sh", data=b"#!/bin/sh\n", mode=0o755),
-                E("data", kind="dir", mode=0o750, uid=1000, gid=1000),
+                data,
                 E("data/a", data=big[0], uid=1000, gid=1000),
                 E("data/b", data=big[1], xattrs={"user.kind": "blob"}),
                 E("data/link", kind="hardlink", link="data/a"),
@@ -447,6 +459,8 @@ def _rich_layers() -> list[bytes]:
         ),
         layer_tar(
             [
+                *again,
+                *parents("opt", "opt/old", "etc"),
                 E("data/c", data=big[2]),
                 E("data/.wh.b"),
                 E("opt/old/.wh..wh..opq"),
@@ -455,7 +469,11 @@ def _rich_layers() -> list[bytes]:
                 E("empty", data=b""),
             ]
         ),
-        layer_tar([E(f"data/more/{i}", data=big[3 + i]) for i in range(3)] + [E("data/a", data=b"replaced")]),
+        layer_tar(
+            [*again, *parents("data/more")]
+            + [E(f"data/more/{i}", data=big[3 + i]) for i in range(3)]
+            + [E("data/a", data=b"replaced")]
+        ),
     ]
 
 

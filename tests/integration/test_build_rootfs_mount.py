@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,50 +22,6 @@ from tests.integration.podman_env import Podman, hello_image, podman
 from tests.integration.test_build import _rich_layers
 
 __all__ = ["hello_image", "podman"]  # fixtures
-
-
-def _layers_with_parents() -> list[bytes]:
-    """`_rich_layers` with an entry for every directory a later layer writes into (as buildah and docker
-    write layers): then Podman's stored tree is the one cwbuild applies. Without them Podman leaves the time
-    of extraction on those directories, and the mount path must refuse and export."""
-    rng = random.Random(11)
-    big = [rng.randbytes(8 << 20) for _ in range(6)]
-    data = E("data", kind="dir", mode=0o750, uid=1000, gid=1000)
-    dirs = [E(d, kind="dir") for d in ("opt", "opt/old", "etc")]
-    deep = ["home", "home/u"] + ["home/u/" + "deep/" * n for n in range(1, 31)]
-    first = [E(d, kind="dir") for d in ("bin", "opt", "opt/old", "usr", "usr/bin", *deep)]
-    return [
-        layer_tar(
-            [
-                *first,
-                data,
-                E("bin/sh", data=b"#!/bin/sh\n", mode=0o755),
-                E("data/a", data=big[0], uid=1000, gid=1000),
-                E("data/b", data=big[1], xattrs={"user.kind": "blob"}),
-                E("data/link", kind="hardlink", link="data/a"),
-                E("opt/old/x", data=b"x"),
-                E("usr/bin/tool", data=b"t", mode=0o4755),
-                E("home/u/" + "deep/" * 30 + "leaf", data=b"deep"),
-            ]
-        ),
-        layer_tar(
-            [
-                data,
-                *dirs,
-                E("data/c", data=big[2]),
-                E("data/.wh.b"),
-                E("opt/old/.wh..wh..opq"),
-                E("opt/old/y", data=b"y"),
-                E("etc/alt", kind="symlink", link="../data/c"),
-                E("empty", data=b""),
-            ]
-        ),
-        layer_tar(
-            [data, E("data/more", kind="dir")]
-            + [E(f"data/more/{i}", data=big[3 + i]) for i in range(3)]
-            + [E("data/a", data=b"replaced")]
-        ),
-    ]
 
 
 def _fs(podman: Podman, image: str, via: str, tmp_path: Path) -> tuple[str, str]:
@@ -93,7 +48,7 @@ def test_multilayer_mount_and_export_give_the_same_filesystem(
     podman: Podman, tmp_path: Path, parents: bool
 ) -> None:
     tag = f"localhost/cwbuild-mount-layers:{parents}".lower()
-    layers = _layers_with_parents() if parents else _rich_layers()
+    layers = _rich_layers(parent_dirs=parents)
     load = podman.load(docker_archive(tmp_path / "image.tar", layers, repo_tag=tag))
     assert load.returncode == 0, load.stderr
     mounted, source = _fs(podman, tag, "mount", tmp_path)
