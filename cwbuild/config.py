@@ -17,6 +17,7 @@ Secrets are never values here: only the names of files holding them (DESIGN.md "
 from __future__ import annotations
 
 import enum
+import os
 import re
 import secrets
 from collections.abc import Mapping
@@ -268,8 +269,44 @@ def check_spec(spec: BuildSpec, *, explicit_format: Any = None) -> None:
     if spec.snp_gen not in SNP_GENERATIONS:
         raise UsageError(f"--snp-gen {spec.snp_gen!r} unknown", hint="use " + ", ".join(SNP_GENERATIONS))
     _check_attestation(spec)
-    if spec.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", spec.tag):
-        raise UsageError(f"--tag {spec.tag[:80]!r} is not an image name")
+    if spec.tag is not None:
+        check_tag(spec.tag, spec.output)
+
+
+#: containers/image's check of an `oci:`/`oci-archive:` TAG (oci/internal/oci_util.go `refRegexp`, after
+#: image-spec annotations.md's grammar for org.opencontainers.image.ref.name); a TAG holds no "/" here: a
+#: last colon followed by a "/" belongs to the path (cwbuild.image.reference).
+_OCI_TAG_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*\Z")
+
+
+def check_tag(tag: str, output: Path) -> None:
+    """--tag NAME | containers-storage:NAME | oci:DIR[:TAG] | oci-archive:FILE[:TAG]. A path must not exist
+    yet (like -o), its directory must, and it must not be inside the bundle (whose files the layer holds)."""
+    from cwbuild.image.reference import Transport, parse_reference  # noqa: PLC0415
+
+    ref = parse_reference(tag)
+    if ref.transport is Transport.PODMAN:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", ref.name):
+            raise UsageError(f"--tag {tag[:80]!r} is not an image name")
+        return
+    if ref.transport not in (Transport.OCI, Transport.OCI_ARCHIVE):
+        raise UsageError(
+            f"--tag {tag[:80]!r}: cwbuild does not write {ref.transport}",
+            hint="use NAME, containers-storage:NAME, oci:DIR[:TAG] or oci-archive:FILE[:TAG]",
+        )
+    if ref.tag is not None and (len(ref.tag) > 128 or not _OCI_TAG_RE.match(ref.tag)):
+        raise UsageError(f"--tag {tag[:80]!r}: {ref.tag[:80]!r} is not an OCI reference name")
+    dest = ref.path
+    if dest.name in ("", ".", ".."):
+        raise UsageError(f"--tag {tag[:80]!r} names no file or directory")
+    parent = dest.absolute().parent
+    out, where = output.resolve(), parent.resolve()
+    if where / dest.name == out or where == out or out in where.parents:
+        raise UsageError(f"--tag {dest} is inside the bundle directory {output}")
+    if os.path.lexists(dest):
+        raise UsageError(f"{dest} already exists", hint="give --tag a path that does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{parent} is not a directory")
 
 
 def _check_target(spec: BuildSpec, explicit_format: Any) -> None:

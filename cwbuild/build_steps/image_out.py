@@ -1,4 +1,6 @@
-"""`--tag`: the bundle as a FROM-scratch, single-layer OCI image loaded into Podman through its REST API.
+"""`--tag`: the bundle as a FROM-scratch, single-layer OCI image loaded into Podman through its REST API, or
+(`--tag oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`) written as an OCI image layout by cwbuild itself, the same
+image (same config bytes, same id) at the cost of a copy and one SHA-256 pass (hashlib: OpenSSL, SHA-NI).
 
 The layer holds the bundle's files (for `--target krun`, exactly buildah mkcw's four: entrypoint,
 krun-sev.json, tmp/, disk.img, so crun + libkrun run it as buildah's). Labels say what it is, so
@@ -26,22 +28,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import requests
 from podman import PodmanClient
 from podman.errors import APIError, PodmanError
 
-from cwbuild.build import BuildContext
+from cwbuild.build import BuildContext, chmod_tree
 from cwbuild.config import BuildTarget
-from cwbuild.errors import BuildError
+from cwbuild.errors import BuildError, UsageError
 from cwbuild.image.podman import podman_client
+from cwbuild.image.reference import ImageRef, Transport
 from cwbuild.interrupts import deferred
 
 #: Label keys (OCI annotations/labels use reverse-DNS prefixes: image-spec annotations.md "Rules").
@@ -149,6 +154,11 @@ def image_config(ctx: BuildContext, diff_id: str, created: str) -> dict[str, Any
     }
 
 
+def config_blob(ctx: BuildContext, diff_id: str, mtime: int) -> tuple[str, bytes]:
+    """The config's digest (the image id) and bytes: the same for Podman and for an OCI layout."""
+    return _blob(json.dumps(image_config(ctx, diff_id, _rfc3339(mtime)), sort_keys=True).encode())
+
+
 def layer_size(root: Path, *, target: BuildTarget, mtime: int) -> int:
     """The length of `layer_stream`'s output, from the headers and file sizes alone (no data read)."""
     size = 2 * tarfile.BLOCKSIZE
@@ -192,8 +202,7 @@ class DockerArchive:
         if sent != size:
             raise BuildError("the bundle changed while it was being stored as an image")
         yield bytes(-size % tarfile.BLOCKSIZE)
-        config = image_config(self._ctx, f"sha256:{h.hexdigest()}", _rfc3339(mtime))
-        cfg_digest, cfg = _blob(json.dumps(config, sort_keys=True).encode())
+        cfg_digest, cfg = config_blob(self._ctx, f"sha256:{h.hexdigest()}", mtime)
         manifest = [{"Config": f"{cfg_digest[7:]}.json", "RepoTags": None, "Layers": [DOCKER_LAYER]}]
         for name, data in ((f"{cfg_digest[7:]}.json", cfg), ("manifest.json", json.dumps(manifest).encode())):
             info = tarfile.TarInfo(name)
@@ -251,6 +260,145 @@ def _remove(image_id: str) -> None:
             client.images.remove(image_id, force=True)
     except (APIError, PodmanError, OSError, requests.RequestException) as exc:
         raise BuildError(f"cannot remove image {image_id[:19]}: {exc}") from exc
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"  # uncompressed: its digest is its diff_id
+OCI_REF_NAME = "org.opencontainers.image.ref.name"
+OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+#: The layer's name in an oci-archive until its digest is known (same length: the header is rewritten).
+_PENDING_LAYER = "blobs/sha256/" + "0" * 64
+
+
+def write_oci_image(ctx: BuildContext, ref: ImageRef) -> str:
+    """`--tag oci:DIR[:TAG]` / `oci-archive:FILE[:TAG]`: the image Podman would store (same config bytes, so
+    the same id, which this returns) as an OCI image layout (image-spec v1.1 image-layout.md), or a tar of
+    one. Written into a private temporary directory beside the destination, the layer hashed as it is written,
+    then renamed into place; removed on any failure (SIGTERM is SystemExit in a build). The removal of the
+    destination is in `ctx.rollbacks` before this returns (signals are held from the rename until then)."""
+    dest, mtime = ref.path, int(ctx.facts["source_date_epoch"])
+    name = ref.tag or "latest"
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.absolute().parent))
+        try:
+            if ref.transport is Transport.OCI:
+                image_id = _write_layout_dir(ctx, tmp, mtime, name)
+                chmod_tree(tmp)
+                written = tmp
+            else:
+                written = tmp / "image.tar"
+                with written.open("xb") as f:
+                    image_id = _write_layout_tar(ctx, f, mtime, name)
+                written.chmod(0o644)
+            with deferred():
+                if os.path.lexists(dest):
+                    raise UsageError(f"{dest} appeared during the build; not overwriting it")
+                os.rename(written, dest)
+                ctx.rollbacks.append(partial(_remove_path, dest))
+        finally:
+            with deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        raise BuildError(f"writing the bundle image to {ref} failed: {exc.strerror or exc}") from exc
+    return image_id
+
+
+def _layout_docs(
+    ctx: BuildContext, layer: str, size: int, mtime: int, name: str
+) -> tuple[list[bytes], bytes]:
+    """The config and manifest blobs (config first: its digest is the image id) and index.json."""
+    cfg_digest, cfg = config_blob(ctx, layer, mtime)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": len(cfg)},
+        "layers": [{"mediaType": OCI_LAYER, "digest": layer, "size": size}],
+    }
+    man_digest, man = _blob(json.dumps(manifest, sort_keys=True).encode())
+    entry = {
+        "mediaType": OCI_MANIFEST,
+        "digest": man_digest,
+        "size": len(man),
+        "annotations": {OCI_REF_NAME: name},
+    }
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+    return [cfg, man], json.dumps(index, sort_keys=True).encode()
+
+
+def _write_layout_dir(ctx: BuildContext, root: Path, mtime: int, name: str) -> str:
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    pending = blobs / ".layer.partial"
+    h, size = hashlib.sha256(), 0
+    with pending.open("xb") as f:
+        for chunk in layer_stream(ctx.spec.output, target=ctx.spec.target, mtime=mtime):
+            h.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+    pending.rename(blobs / h.hexdigest())
+    small, index = _layout_docs(ctx, f"sha256:{h.hexdigest()}", size, mtime, name)
+    for data in small:
+        (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    (root / "oci-layout").write_bytes(OCI_LAYOUT)
+    (root / "index.json").write_bytes(index)
+    return "sha256:" + hashlib.sha256(small[0]).hexdigest()
+
+
+def _header(name: str, mtime: int, size: int | None) -> bytes:
+    """A tar header: a 0644 file of `size` bytes, or (None) a 0755 directory; owner 0:0."""
+    info = tarfile.TarInfo(name)
+    info.mtime = mtime
+    if size is None:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+    else:
+        info.size, info.mode = size, 0o644
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _write_layout_tar(ctx: BuildContext, f: IO[bytes], mtime: int, name: str) -> str:
+    """The layout as an uncompressed tar (what skopeo's oci-archive: reads). The layer member's header is
+    written with a placeholder name and rewritten in place once the layer's digest is known."""
+    root, target = ctx.spec.output, ctx.spec.target
+    size = layer_size(root, target=target, mtime=mtime)
+    for dirname in ("blobs", "blobs/sha256"):
+        f.write(_header(dirname, mtime, None))
+    f.write(_header("oci-layout", mtime, len(OCI_LAYOUT)) + OCI_LAYOUT)
+    f.write(bytes(-len(OCI_LAYOUT) % tarfile.BLOCKSIZE))
+    at = f.tell()
+    pending = _header(_PENDING_LAYER, mtime, size)
+    f.write(pending)
+    h, sent = hashlib.sha256(), 0
+    for chunk in layer_stream(root, target=target, mtime=mtime):
+        h.update(chunk)
+        f.write(chunk)
+        sent += len(chunk)
+    if sent != size:
+        raise BuildError("the bundle changed while it was being stored as an image")
+    f.write(bytes(-size % tarfile.BLOCKSIZE))
+    header = _header(f"blobs/sha256/{h.hexdigest()}", mtime, size)
+    if len(header) != len(pending):
+        raise BuildError("internal: the layer's tar header changed length")
+    f.seek(at)
+    f.write(header)
+    f.seek(0, os.SEEK_END)
+    small, index = _layout_docs(ctx, f"sha256:{h.hexdigest()}", size, mtime, name)
+    members = [(f"blobs/sha256/{hashlib.sha256(data).hexdigest()}", data) for data in small]
+    for member, data in [*members, ("index.json", index)]:
+        f.write(_header(member, mtime, len(data)) + data + bytes(-len(data) % tarfile.BLOCKSIZE))
+    f.write(bytes(2 * tarfile.BLOCKSIZE))
+    return "sha256:" + hashlib.sha256(small[0]).hexdigest()
+
+
+def _remove_path(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot remove {path}: {exc.strerror or exc}") from exc
 
 
 def _rfc3339(epoch: int) -> str:

@@ -153,10 +153,16 @@ def publish(ctx: BuildContext) -> StepArtifact | None:
 
 
 def store_image(ctx: BuildContext) -> StepArtifact | None:
-    """--tag: the bundle as a FROM-scratch single-layer image in Podman (REST API), with labels."""
-    from cwbuild.build_steps.image_out import store_bundle_image  # noqa: PLC0415
+    """--tag: the bundle as a FROM-scratch single-layer image with labels, in Podman (REST API) or written as
+    an OCI image layout (oci:DIR[:TAG]) or a tar of one (oci-archive:FILE[:TAG])."""
+    from cwbuild.build_steps.image_out import store_bundle_image, write_oci_image  # noqa: PLC0415
+    from cwbuild.image.reference import Transport, parse_reference  # noqa: PLC0415
 
     tag = ctx.spec.tag
     assert tag is not None  # the step is only listed with --tag
-    image_id = store_bundle_image(ctx, tag)  # its removal is in ctx.rollbacks
+    ref = parse_reference(tag)  # checked by config.check_tag
+    if ref.transport is Transport.PODMAN:
+        image_id = store_bundle_image(ctx, ref.name)  # its removal is in ctx.rollbacks
+    else:
+        image_id = write_oci_image(ctx, ref)  # likewise
     return StepArtifact(tag, image_id.removeprefix("sha256:"), None)

@@ -47,7 +47,12 @@ def _print(result: BuildResult, as_json: bool) -> None:
 @click.command("build")
 @click.argument("image", required=False)
 @click.option("-o", "--output", type=_PATH, help="Bundle directory to create (default ./NAME.bundle).")
-@click.option("--tag", help="Also store the bundle in Podman as this image name.")
+@click.option(
+    "--tag",
+    metavar="REF",
+    help="Also store the bundle as an image: NAME or containers-storage:NAME (in Podman), "
+    "oci:DIR[:TAG] (an OCI layout directory) or oci-archive:FILE[:TAG] (a tar of one).",
+)
 @click.option("--tee", "tees", multiple=True, help="snp | sev-es | sev | tdx | sim (repeatable).")
 @click.option("--type", "type_", help="buildah's words: snp, sev (= SEV-ES), sev_no_es (= SEV).")
 @click.option("--cpus", type=int, help="vCPUs (a measurement input). [default: 2]")

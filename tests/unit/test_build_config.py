@@ -131,3 +131,52 @@ def test_entrypoint_elf_runs(tmp_path: Path) -> None:
     other.write_bytes(entrypoint_elf(b"x" * 300 + b"\n"))
     other.chmod(0o755)
     assert subprocess.run([other], capture_output=True, check=False).stderr == b"x" * 300 + b"\n"
+
+
+def _tag_spec(tmp_path: Path, tag: str) -> Any:
+    return merge({**BASE, "output": str(tmp_path / "out.bundle"), "tag": tag}, {})
+
+
+@pytest.mark.parametrize(
+    ("tag", "ref"),
+    [
+        ("localhost/app:v1", "localhost/app:v1"),
+        ("containers-storage:localhost/app:v1", "containers-storage:localhost/app:v1"),
+        ("oci:{d}/layout", "oci:{d}/layout"),
+        ("oci:{d}/layout:v1.0_rc-2", "oci:{d}/layout:v1.0_rc-2"),
+        ("oci-archive:{d}/image.tar", "oci-archive:{d}/image.tar"),
+        ("oci-archive:{d}/image.tar:a--b+c@d", "oci-archive:{d}/image.tar:a--b+c@d"),
+    ],
+)
+def test_tag_transports_accepted(tmp_path: Path, tag: str, ref: str) -> None:
+    assert _tag_spec(tmp_path, tag.format(d=tmp_path)).tag == ref.format(d=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ("-bad", "not an image name"),
+        ("containers-storage:bad name", "not an image name"),
+        ("docker-archive:{d}/x.tar", "does not write docker-archive"),
+        ("oci:{d}/existing", "already exists"),
+        ("oci-archive:{d}/existing.tar", "already exists"),
+        ("oci-archive:{d}/dangling", "already exists"),  # a symlink to nothing is there too
+        ("oci:{d}/no/such/dir", "is not a directory"),
+        ("oci:{d}/layout:a..b", "not an OCI reference name"),
+        ("oci:{d}/layout:-x", "not an OCI reference name"),
+        ("oci:{d}/layout:" + "a" * 129, "not an OCI reference name"),
+        ("oci-archive:{d}/out.bundle", "inside the bundle"),
+        ("oci-archive:{d}/out.bundle/image.tar", "inside the bundle"),
+        ("oci:{d}/out.bundle/sub/layout", "inside the bundle"),
+        ("oci:{d}/..", "names no file"),
+        ("oci::v1", "invalid oci reference"),
+    ],
+)
+def test_tag_usage_errors(tmp_path: Path, tag: str, message: str) -> None:
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing.tar").write_bytes(b"")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "out.bundle" / "sub").mkdir(parents=True)
+    with pytest.raises(UsageError) as err:
+        _tag_spec(tmp_path, tag.format(d=tmp_path))
+    assert message in err.value.message
