@@ -14,6 +14,7 @@ they fit in /dev/shm):
   - buildah mkcw --type snp --passphrase P IMAGE DEST   (LUKS1 + krun footer, committed as an image)
   - cwbuild build IMAGE --target krun --type snp         (the same output: LUKS1 + footer, buildah's layout)
   - the same with --tag                                 (the directory also stored as an image in Podman)
+  - the same with --tag oci-archive:FILE                (the image written as an OCI archive instead)
   - cwbuild build IMAGE --tee snp                   (the full qemu bundle: LUKS2, kit kernel, initrd with
                                                       the agent, SNP measurement, launch configs)
 
@@ -124,6 +125,7 @@ def main() -> None:
         fd = os.open(work / "pass", os.O_WRONLY | os.O_CREAT, 0o600)
         os.write(fd, PASSPHRASE)
         os.close(fd)
+        archive = work / "cw-oci.tar"
         cw = [sys.executable, "-m", "cwbuild", "build", IMAGE, "--passphrase-file", str(work / "pass")]
         cw += ["--kit-cache", str(args.kit_cache), "--offline"]
         buildah = [*buildah_argv(args.sid, broot), "mkcw", "--type", "snp"]
@@ -132,6 +134,10 @@ def main() -> None:
             "buildah mkcw (snp)": ([*buildah, image_id, "localhost/cwbuild-bench-cw"], None),
             "cwbuild build --target krun": ([*cw, "--target", "krun"], "krun"),
             "cwbuild build --target krun --tag": ([*cw, "--target", "krun", "--tag", TAGGED], "krun-tag"),
+            "cwbuild ... krun --tag oci-archive:F": (
+                [*cw, "--target", "krun", "--tag", f"oci-archive:{archive}"],
+                "krun-oci",
+            ),
             "cwbuild build --tee snp (bundle)": ([*cw, "--tee", "snp"], "snp"),
         }
         runs: dict[str, list[tuple[float, int, int, int]]] = {name: [] for name in configs}
@@ -141,6 +147,8 @@ def main() -> None:
                     shutil.rmtree(work / out, ignore_errors=True)
                 if out == "krun-tag":  # the last round's image, else re-tagging leaves it dangling (untimed)
                     subprocess.run(["podman", "rmi", "-f", TAGGED], check=False, capture_output=True)
+                if out == "krun-oci":
+                    archive.unlink(missing_ok=True)
                 runs[name].append(measure(argv if out is None else [*argv, "-o", str(work / out)]))
         report(runs, work, load_before)
     finally:
