@@ -32,6 +32,7 @@ from rich.console import Console
 from cwbuild.config import BuildSpec, BuildTarget
 from cwbuild.errors import BuildError, CwbuildError, UsageError
 from cwbuild.fileio import sha256_file
+from cwbuild.interrupts import deferred
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,13 @@ def _private_dirs(spec: BuildSpec, stack: ExitStack) -> tuple[Path, Path]:
     parent = out.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"{parent} is not a directory")
-    work = Path(tempfile.mkdtemp(prefix=".cwbuild-plain-", dir=parent))  # 0700 (tempfile)
-    stack.callback(shutil.rmtree, work, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    stack.callback(shutil.rmtree, stage, ignore_errors=True)
+    # Each made and its removal registered with SIGTERM/SIGHUP/SIGINT held: a signal between the two would
+    # leave the directory behind (the SIGTERM test caught one).
+    with deferred():
+        work = Path(tempfile.mkdtemp(prefix=".cwbuild-plain-", dir=parent))  # 0700 (tempfile)
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        stack.callback(shutil.rmtree, stage, ignore_errors=True)
     return work, stage
 
 

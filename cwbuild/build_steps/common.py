@@ -22,6 +22,7 @@ from cwbuild.fileio import sha256_file
 from cwbuild.image import Transport, parse_reference
 from cwbuild.image import flatten_image as read_and_flatten
 from cwbuild.image.model import Platform
+from cwbuild.interrupts import deferred
 from cwbuild.launch import check_krun_limits
 from cwbuild.secrets import read_passphrase_file, read_token_file
 
@@ -164,8 +165,9 @@ def _plaintext_dir(ctx: BuildContext, image_size: int | None, *, with_tree: bool
     need = with_overhead(apply_slop(image_size, ctx.spec.slop)) + (image_size if with_tree else 0)
     if not _fits_in_memory(need):
         return ctx.work
-    work = Path(tempfile.mkdtemp(prefix=".cwbuild-plain-", dir=MEMORY_FS))  # 0700 (tempfile)
-    ctx.stack.callback(shutil.rmtree, work, ignore_errors=True)
+    with deferred():  # made and its removal registered before a signal is acted on
+        work = Path(tempfile.mkdtemp(prefix=".cwbuild-plain-", dir=MEMORY_FS))  # 0700 (tempfile)
+        ctx.stack.callback(shutil.rmtree, work, ignore_errors=True)
     ctx.work = work
     return work
 

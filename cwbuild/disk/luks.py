@@ -24,6 +24,7 @@ from cwbuild.disk.header import LUKS_SECTOR, Keyslot, LuksHeader, VolumeDigest
 from cwbuild.disk.kdf import KdfLimits, KdfSpec, KdfType, derive, pbkdf2
 from cwbuild.disk.xts import SECTOR_SIZES, SectorCrypt, Span, XtsParams, crypt_span
 from cwbuild.errors import DiskError, FormatError
+from cwbuild.interrupts import deferred
 
 VOLUME_KEY_SIZE = 64  # aes-xts-plain64 with a 512-bit key (DESIGN.md; cw-format.md §1.7)
 SALT_SIZE = 32  # LUKS1 LUKS_SALTSIZE; cryptsetup uses 32-byte salts in LUKS2 too
@@ -71,17 +72,21 @@ Progress = Callable[[int], None]
 def _private_output(out: Path) -> Iterator[tuple[Path, int]]:
     """A 0600 temp file beside `out`, renamed onto `out` on success and removed on any failure."""
     tmp = out.with_name(f".{out.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = -1
     try:
+        with deferred():  # a SIGTERM right after the open is acted on inside the try, where it is undone
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         yield tmp, fd
         # No fsync: like cryptsetup, luksy and cp, durability is left to the caller (a 1 GiB fsync costs
         # seconds on a slow disk); the rename still keeps a half-written file from ever appearing as OUT.
         os.replace(tmp, out)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if fd >= 0:  # ours (O_EXCL): never a file someone else made under the same name
+            tmp.unlink(missing_ok=True)
         raise
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _encrypt_material(volume_key: bytes, kdf: KdfSpec, passphrase: bytes, salt: bytes) -> bytes:
