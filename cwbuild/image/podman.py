@@ -39,6 +39,7 @@ from cwbuild.image.blobs import CHUNK
 from cwbuild.image.docker import open_docker_archive
 from cwbuild.image.model import Image, Platform
 from cwbuild.image.oci import TarBlobs, open_layout_archive
+from cwbuild.interrupts import deferred
 
 log = logging.getLogger("cwbuild.image.podman")
 
@@ -87,17 +88,21 @@ def podman_client() -> Iterator[PodmanClient]:
 
 @contextmanager
 def _private_service() -> Iterator[str]:
-    workdir = Path(tempfile.mkdtemp(prefix="cwbuild-podman-"))  # mode 0700
-    sock = workdir / "podman.sock"
-    url = f"unix://{sock}"
-    log = (workdir / "service.log").open("wb")
-    proc = run.spawn(
-        ["podman", "system", "service", "--time=0", url],
-        stdout=log.fileno(),
-        stderr=log.fileno(),
-        new_session=True,  # a Ctrl-C must not stop it before our cleanup (container removal) has used it
-    )
-    try:
+    with ExitStack() as stack:
+        # Each thing made has its undo registered before a signal is acted on (cwbuild.interrupts): a SIGTERM
+        # right after the spawn must not leave a service running, or its directory behind.
+        with deferred():
+            workdir = Path(tempfile.mkdtemp(prefix="cwbuild-podman-"))  # mode 0700
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+            log = stack.enter_context((workdir / "service.log").open("wb"))
+            url = f"unix://{workdir / 'podman.sock'}"
+            proc = run.spawn(
+                ["podman", "system", "service", "--time=0", url],
+                stdout=log.fileno(),
+                stderr=log.fileno(),
+                new_session=True,  # a Ctrl-C must not stop it before our cleanup (container removal) used it
+            )
+            stack.callback(_stop, proc)
         deadline = time.monotonic() + _START_TIMEOUT
         while not _answers(url):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -105,15 +110,15 @@ def _private_service() -> Iterator[str]:
                 raise ToolError("podman system service did not start", stderr_tail=tail)
             time.sleep(0.05)
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def open_podman_image(name: str, ref: str, platform: Platform, stack: ExitStack) -> Image:
