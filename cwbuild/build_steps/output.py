@@ -16,6 +16,7 @@ from cwbuild.build import BuildContext, StepArtifact, chmod_tree, file_artifact
 from cwbuild.build_steps import krun, qemu
 from cwbuild.config import BuildTarget
 from cwbuild.errors import BuildError, ConfigError, CwbuildError, NetworkError, UsageError
+from cwbuild.interrupts import deferred
 from cwbuild.run import run
 
 MANIFEST_JSON = "manifest.json"
@@ -117,16 +118,19 @@ def register(ctx: BuildContext) -> StepArtifact | None:
     def undo() -> None:
         delete_workload(url, token, spec.workload_id, ca)
 
-    try:
-        register_workload(url, token, reg, ca, spec.replace)
-    except NetworkError:
-        # The request may have reached the endpoint before the connection failed: delete (idempotent; a
-        # refusal such as workload.exists is an AttestError and leaves the existing registration alone).
-        with contextlib.suppress(CwbuildError):
-            undo()
-        raise
-    ctx.facts["registered"] = True
-    ctx.rollbacks.append(undo)
+    # Signals held until the rollback is registered: a SIGTERM while the request is under way would leave a
+    # registration the endpoint made and nothing to delete it (the client's timeouts bound the wait).
+    with deferred():
+        try:
+            register_workload(url, token, reg, ca, spec.replace)
+        except NetworkError:
+            # The request may have reached the endpoint before the connection failed: delete (idempotent; a
+            # refusal such as workload.exists is an AttestError and leaves the existing registration alone).
+            with contextlib.suppress(CwbuildError):
+                undo()
+            raise
+        ctx.facts["registered"] = True
+        ctx.rollbacks.append(undo)
     return StepArtifact(f"workload {spec.workload_id}", None, None, {"tee": tee, "url": url})
 
 
@@ -142,13 +146,14 @@ def publish(ctx: BuildContext) -> StepArtifact | None:
     os.chmod(ctx.stage, 0o755)  # noqa: S103 - the bundle directory holds no secret (disk is encrypted)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} appeared during the build; not overwriting it")
-    os.replace(ctx.stage, out)
-    ctx.stage.mkdir(mode=0o700)  # the stack removes this empty placeholder
 
     def undo() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
-    ctx.rollbacks.append(undo)
+    with deferred():  # published and its removal registered before a signal is acted on
+        os.replace(ctx.stage, out)
+        ctx.rollbacks.append(undo)
+    ctx.stage.mkdir(mode=0o700)  # the stack removes this empty placeholder
     return StepArtifact(str(out), None, None)
 
 

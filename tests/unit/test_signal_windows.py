@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cwbuild import build
-from cwbuild.build_steps import common
+from cwbuild.build_steps import common, output
 from cwbuild.config import merge
 from cwbuild.disk import luks
 
@@ -82,3 +82,28 @@ def test_luks_temp_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     _run_under_sigterm(body)
     assert made
     assert list(tmp_path.iterdir()) == []
+
+
+def test_publish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM right after the stage was renamed onto the output: the failed build leaves no bundle."""
+    (tmp_path / "out").mkdir()
+    made: list[str] = []
+    out = tmp_path / "out/b"
+    monkeypatch.setattr(
+        output.os, "replace", _sigterm_after(os.replace, made, str(tmp_path), by_argument=True)
+    )
+    spec = merge({"image": "localhost/app", "passphrase_file": "pp", "output": out, "target": "krun"}, {})
+
+    def body(stack: ExitStack) -> None:
+        work, stage = build._private_dirs(spec, stack)
+        (stage / "disk.img").write_bytes(b"x")
+        ctx = build.BuildContext(spec=spec, work=work, stage=stage, stack=stack)
+        try:
+            output.publish(ctx)
+        except BaseException:
+            build._roll_back(ctx, build.Console(stderr=True))
+            raise
+
+    _run_under_sigterm(body)
+    assert made
+    assert list((tmp_path / "out").iterdir()) == []
