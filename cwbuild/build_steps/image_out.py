@@ -281,8 +281,10 @@ def write_oci_image(ctx: BuildContext, ref: ImageRef) -> str:
     dest, mtime = ref.path, int(ctx.facts["source_date_epoch"])
     name = ref.tag or "latest"
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.absolute().parent))
-        try:
+        with ExitStack() as stack:
+            with deferred():  # made and its removal registered before a signal is acted on
+                tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.absolute().parent))
+                stack.callback(_remove_held, tmp)
             if ref.transport is Transport.OCI:
                 image_id = _write_layout_dir(ctx, tmp, mtime, name)
                 chmod_tree(tmp)
@@ -297,18 +299,30 @@ def write_oci_image(ctx: BuildContext, ref: ImageRef) -> str:
                     raise UsageError(f"{dest} appeared during the build; not overwriting it")
                 os.rename(written, dest)
                 ctx.rollbacks.append(partial(_remove_path, dest))
-        finally:
-            with deferred():
-                shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         raise BuildError(f"writing the bundle image to {ref} failed: {exc.strerror or exc}") from exc
     return image_id
 
 
+def _remove_held(path: Path) -> None:
+    with deferred():  # a signal does not cut the removal short
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_hashed(f: IO[bytes], chunks: Iterator[bytes]) -> tuple[str, int]:
+    """Write `chunks` to `f`: their sha256 ("sha256:HEX") and length, nothing read back."""
+    h, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        h.update(chunk)
+        f.write(chunk)
+        size += len(chunk)
+    return f"sha256:{h.hexdigest()}", size
+
+
 def _layout_docs(
     ctx: BuildContext, layer: str, size: int, mtime: int, name: str
-) -> tuple[list[bytes], bytes]:
-    """The config and manifest blobs (config first: its digest is the image id) and index.json."""
+) -> tuple[str, list[tuple[str, bytes]], bytes]:
+    """The image id (the config's digest), the config and manifest blobs with their digests, index.json."""
     cfg_digest, cfg = config_blob(ctx, layer, mtime)
     manifest = {
         "schemaVersion": 2,
@@ -324,26 +338,22 @@ def _layout_docs(
         "annotations": {OCI_REF_NAME: name},
     }
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
-    return [cfg, man], json.dumps(index, sort_keys=True).encode()
+    return cfg_digest, [(cfg_digest, cfg), (man_digest, man)], json.dumps(index, sort_keys=True).encode()
 
 
 def _write_layout_dir(ctx: BuildContext, root: Path, mtime: int, name: str) -> str:
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     pending = blobs / ".layer.partial"
-    h, size = hashlib.sha256(), 0
     with pending.open("xb") as f:
-        for chunk in layer_stream(ctx.spec.output, target=ctx.spec.target, mtime=mtime):
-            h.update(chunk)
-            f.write(chunk)
-            size += len(chunk)
-    pending.rename(blobs / h.hexdigest())
-    small, index = _layout_docs(ctx, f"sha256:{h.hexdigest()}", size, mtime, name)
-    for data in small:
-        (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+        layer, size = _write_hashed(f, layer_stream(ctx.spec.output, target=ctx.spec.target, mtime=mtime))
+    pending.rename(blobs / layer[7:])
+    image_id, small, index = _layout_docs(ctx, layer, size, mtime, name)
+    for digest, data in small:
+        (blobs / digest[7:]).write_bytes(data)
     (root / "oci-layout").write_bytes(OCI_LAYOUT)
     (root / "index.json").write_bytes(index)
-    return "sha256:" + hashlib.sha256(small[0]).hexdigest()
+    return image_id
 
 
 def _header(name: str, mtime: int, size: int | None) -> bytes:
@@ -369,26 +379,22 @@ def _write_layout_tar(ctx: BuildContext, f: IO[bytes], mtime: int, name: str) ->
     at = f.tell()
     pending = _header(_PENDING_LAYER, mtime, size)
     f.write(pending)
-    h, sent = hashlib.sha256(), 0
-    for chunk in layer_stream(root, target=target, mtime=mtime):
-        h.update(chunk)
-        f.write(chunk)
-        sent += len(chunk)
+    layer, sent = _write_hashed(f, layer_stream(root, target=target, mtime=mtime))
     if sent != size:
         raise BuildError("the bundle changed while it was being stored as an image")
     f.write(bytes(-size % tarfile.BLOCKSIZE))
-    header = _header(f"blobs/sha256/{h.hexdigest()}", mtime, size)
+    header = _header(f"blobs/sha256/{layer[7:]}", mtime, size)
     if len(header) != len(pending):
         raise BuildError("internal: the layer's tar header changed length")
     f.seek(at)
     f.write(header)
     f.seek(0, os.SEEK_END)
-    small, index = _layout_docs(ctx, f"sha256:{h.hexdigest()}", size, mtime, name)
-    members = [(f"blobs/sha256/{hashlib.sha256(data).hexdigest()}", data) for data in small]
+    image_id, small, index = _layout_docs(ctx, layer, size, mtime, name)
+    members = [(f"blobs/sha256/{digest[7:]}", data) for digest, data in small]
     for member, data in [*members, ("index.json", index)]:
         f.write(_header(member, mtime, len(data)) + data + bytes(-len(data) % tarfile.BLOCKSIZE))
     f.write(bytes(2 * tarfile.BLOCKSIZE))
-    return "sha256:" + hashlib.sha256(small[0]).hexdigest()
+    return image_id
 
 
 def _remove_path(path: Path) -> None:
